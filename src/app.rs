@@ -1,0 +1,316 @@
+//! Wiring and lifecycle: builds every component from [`Settings`], serves HTTP, and shuts down in order.
+//!
+//! Start: bind the listener (port 0 allowed; the real address is logged as `listening on ADDR`), start
+//! connecting to NATS in the background, serve at once. `/readyz` stays 503 until NATS is connected and
+//! the presence bucket is open. A presence bucket with conflicting settings is fatal.
+//!
+//! Stop (SIGTERM/SIGINT, or a fatal error): refuse new sockets, close every socket with 1001, wait for
+//! the sessions (bounded by `shutdown.grace_secs`), purge this instance's presence records, stop ingress,
+//! drain NATS.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::Client;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{any, get};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::broker::{self, NatsHealth};
+use crate::config::Settings;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::presence::Presence;
+use crate::presence::store::{self, BucketSpec, StoreError};
+use crate::ws;
+
+/// How often a "still waiting for NATS" line is logged while NATS is unreachable.
+const NATS_WAIT_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest pause between attempts to open the presence bucket.
+const MAX_BUCKET_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Bound on draining the NATS connection at exit.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Per-socket limits, from configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub outbound_queue: usize,
+}
+
+/// What every request handler and session shares.
+#[derive(Debug)]
+pub struct AppState {
+    pub auth: Authenticator,
+    pub hub: Arc<Hub>,
+    pub presence: Arc<Presence>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    /// Cancelled when the instance starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every live session, so shutdown can wait for them (axum does not track upgraded connections).
+    pub sessions: TaskTracker,
+    bucket_ready: AtomicBool,
+    next_conn: AtomicU64,
+}
+
+impl AppState {
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn ready(&self) -> bool {
+        !self.shutdown.is_cancelled()
+            && self.bucket_ready.load(Ordering::Relaxed)
+            && self.metrics.nats_connected.load(Ordering::Relaxed) == 1
+    }
+}
+
+/// A built, not yet running instance.
+#[derive(Debug)]
+pub struct Application {
+    settings: Settings,
+    listener: TcpListener,
+    state: Arc<AppState>,
+    client: Client,
+    health: Arc<NatsHealth>,
+}
+
+impl Application {
+    /// # Errors
+    /// When the listen address cannot be bound or the NATS URLs cannot be parsed.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let auth = Authenticator::new(&settings.auth_secret(), settings.auth_algorithm()?);
+        let listener = TcpListener::bind(settings.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.http.listen))?;
+        let (client, health) = broker::connect(
+            &settings.nats_urls(),
+            settings.node_id(),
+            Arc::clone(&metrics),
+        )
+        .await
+        .context("invalid NATS configuration")?;
+        let state = Arc::new(AppState {
+            auth,
+            hub: Arc::new(Hub::new()),
+            presence: Presence::new(settings.node_id()),
+            metrics,
+            limits: Limits {
+                idle_timeout: settings.idle_timeout(),
+                max_message_bytes: settings.ws.max_message_bytes,
+                outbound_queue: settings.ws.outbound_queue,
+            },
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            bucket_ready: AtomicBool::new(false),
+            next_conn: AtomicU64::new(1),
+        });
+        Ok(Self {
+            settings,
+            listener,
+            state,
+            client,
+            health,
+        })
+    }
+
+    /// # Errors
+    /// When the local address of the listener cannot be read.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `signal` completes or a fatal error occurs, then shuts down in order.
+    ///
+    /// # Errors
+    /// The fatal error that stopped the instance, if any.
+    pub async fn run_until_stopped(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            settings,
+            listener,
+            state,
+            client,
+            health,
+        } = self;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, node = settings.node_id(), "listening on {addr}");
+
+        let server = axum::serve(listener, router(Arc::clone(&state)))
+            .with_graceful_shutdown(state.shutdown.clone().cancelled_owned());
+        let server = tokio::spawn(server.into_future());
+
+        let ingress_stop = CancellationToken::new();
+        let ingress = tokio::spawn({
+            let (client, hub, metrics) = (
+                client.clone(),
+                Arc::clone(&state.hub),
+                Arc::clone(&state.metrics),
+            );
+            let prefix = settings.nats.subject_prefix.clone();
+            let max = settings.nats.max_message_bytes;
+            let stop = ingress_stop.clone();
+            async move {
+                if let Err(error) =
+                    broker::run_ingress(client, prefix, max, hub, metrics, stop).await
+                {
+                    tracing::error!(%error, "NATS ingress subscription failed");
+                }
+            }
+        });
+
+        let fatal: Arc<Mutex<Option<StoreError>>> = Arc::default();
+        let presence_stop = CancellationToken::new();
+        let presence = tokio::spawn(run_presence(
+            client.clone(),
+            settings.clone(),
+            Arc::clone(&state),
+            Arc::clone(&health),
+            presence_stop.clone(),
+            Arc::clone(&fatal),
+        ));
+
+        tokio::select! {
+            () = signal => tracing::info!("shutdown signal received"),
+            () = state.shutdown.cancelled() => {}
+        }
+        let grace = settings.shutdown_grace();
+        state.shutdown.cancel();
+        let _ = server.await;
+        state.sessions.close();
+        if tokio::time::timeout(grace, state.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = state.sessions.len(),
+                "sockets still open after the grace period"
+            );
+        }
+        presence_stop.cancel();
+        if tokio::time::timeout(grace, presence).await.is_err() {
+            tracing::warn!("presence records not removed in time; they will expire by TTL");
+        }
+        ingress_stop.cancel();
+        let _ = ingress.await;
+        match tokio::time::timeout(DRAIN_TIMEOUT, client.drain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "NATS drain failed"),
+            Err(_) => tracing::warn!("NATS drain timed out"),
+        }
+        tracing::info!("stopped");
+        let fatal = fatal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match fatal {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/socket/websocket", any(ws::upgrade))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    if state.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+}
+
+/// Waits for NATS, opens the presence bucket, then runs the record writer until `stop`, with the
+/// watcher beside it. A bucket with conflicting settings is recorded in `fatal` and stops the instance.
+async fn run_presence(
+    client: Client,
+    settings: Settings,
+    state: Arc<AppState>,
+    health: Arc<NatsHealth>,
+    stop: CancellationToken,
+    fatal: Arc<Mutex<Option<StoreError>>>,
+) {
+    let urls = settings.nats.url.clone();
+    let mut waited = Duration::ZERO;
+    while client.connection_state() != async_nats::connection::State::Connected {
+        let step = Duration::from_millis(100);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(step) => {}
+        }
+        waited += step;
+        if waited.as_millis() % NATS_WAIT_LOG_INTERVAL.as_millis() == 0 {
+            tracing::warn!(nats = %urls, waited_secs = waited.as_secs(), "NATS not reachable yet; retrying");
+        }
+    }
+    let js = async_nats::jetstream::new(client);
+    let spec = BucketSpec {
+        bucket: settings.presence.bucket.clone(),
+        replicas: settings.presence.replicas,
+    };
+    let mut delay = Duration::from_millis(200);
+    let bucket = loop {
+        match store::open_bucket(&js, &spec).await {
+            Ok(bucket) => break bucket,
+            Err(error @ StoreError::Mismatch { .. }) => {
+                tracing::error!(%error, "cannot use the presence bucket");
+                *fatal
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+                state.shutdown.cancel();
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, bucket = %spec.bucket, "presence bucket not available yet; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(MAX_BUCKET_RETRY_DELAY);
+            }
+        }
+    };
+    state.bucket_ready.store(true, Ordering::Relaxed);
+    tracing::info!(bucket = %spec.bucket, "presence bucket open");
+    let watcher = tokio::spawn(store::watch_records(
+        Arc::clone(&state.presence),
+        bucket,
+        health.reconnects(),
+        stop.clone(),
+    ));
+    let writer = store::Writer {
+        presence: Arc::clone(&state.presence),
+        js,
+        bucket: spec.bucket,
+        ttl: settings.presence_ttl(),
+        metrics: Arc::clone(&state.metrics),
+        reconnects: health.reconnects(),
+    };
+    writer.run(stop).await;
+    let _ = watcher.await;
+}

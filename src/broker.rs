@@ -1,0 +1,345 @@
+//! NATS: the connection, its health, and ingress (where a NATS message becomes a frame).
+//!
+//! Ingress holds one subscription, `<prefix>.user.*`. Each message is checked once (subject, size, JSON
+//! envelope, event name), encoded once as `[null, null, topic, event, payload]`, and handed to the hub,
+//! which shares the same bytes with every subscribed socket. A message that fails a check is dropped,
+//! counted by reason, and logged at most once per [`DROP_LOG_INTERVAL`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, ConnectOptions, Event, Message};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Hub;
+use crate::metrics::{IngressDrop, Metrics};
+use crate::protocol::{self, RESERVED_EVENT_PREFIX};
+use crate::topic::Topic;
+
+/// At most one log line per interval about dropped ingress messages; the rest are counted.
+pub const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest event name forwarded to clients.
+pub const MAX_EVENT_BYTES: usize = 128;
+/// Reconnect delays grow to this and stay there while NATS is away.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+
+/// Connection state shared with readiness checks and presence.
+#[derive(Debug)]
+pub struct NatsHealth {
+    reconnects_tx: watch::Sender<u64>,
+    ever_connected: AtomicBool,
+}
+
+impl NatsHealth {
+    /// Bumped after every reconnect; presence re-asserts its records and rebuilds its view on a change.
+    pub fn reconnects(&self) -> watch::Receiver<u64> {
+        self.reconnects_tx.subscribe()
+    }
+}
+
+/// Starts connecting to NATS and returns at once. async-nats keeps retrying with backoff, the initial
+/// connection included, and reports every state change through the event callback.
+///
+/// # Errors
+/// Only when the URL list cannot be parsed.
+pub async fn connect(
+    urls: &[String],
+    node_id: &str,
+    metrics: Arc<Metrics>,
+) -> Result<(Client, Arc<NatsHealth>), async_nats::ConnectError> {
+    let (reconnects_tx, _) = watch::channel(0);
+    let health = Arc::new(NatsHealth {
+        reconnects_tx,
+        ever_connected: AtomicBool::new(false),
+    });
+    let events = Arc::clone(&health);
+    let options = ConnectOptions::new()
+        .name(format!("epoch-gateway {node_id}"))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            let millis = 100u64.saturating_mul(1 << attempts.min(6));
+            Duration::from_millis(millis).min(MAX_RECONNECT_DELAY)
+        })
+        .event_callback(move |event| {
+            let health = Arc::clone(&events);
+            let metrics = Arc::clone(&metrics);
+            async move { on_event(&health, &metrics, event) }
+        });
+    let client = options.connect(urls).await?;
+    Ok((client, health))
+}
+
+fn on_event(health: &NatsHealth, metrics: &Metrics, event: Event) {
+    match event {
+        Event::Connected => {
+            metrics.nats_connected.store(1, Ordering::Relaxed);
+            if health.ever_connected.swap(true, Ordering::Relaxed) {
+                metrics.nats_reconnects.fetch_add(1, Ordering::Relaxed);
+                health.reconnects_tx.send_modify(|n| *n += 1);
+                tracing::info!("reconnected to NATS");
+            } else {
+                tracing::info!("connected to NATS");
+            }
+        }
+        Event::Disconnected => {
+            metrics.nats_connected.store(0, Ordering::Relaxed);
+            tracing::warn!("disconnected from NATS; reconnecting");
+        }
+        Event::Closed => {
+            metrics.nats_connected.store(0, Ordering::Relaxed);
+            tracing::info!("NATS connection closed");
+        }
+        other => tracing::warn!(event = %other, "NATS event"),
+    }
+}
+
+/// `{"event": "...", "payload": {...}}` as published by backend services.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    event: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+/// A checked ingress message, ready to fan out.
+#[derive(Debug)]
+pub struct Broadcast {
+    pub topic: Topic,
+    pub frame: protocol::Frame,
+}
+
+/// Checks and encodes one ingress message.
+///
+/// # Errors
+/// The [`IngressDrop`] reason when the message must not reach clients.
+pub fn decode(
+    subject_prefix: &str,
+    subject: &str,
+    body: &[u8],
+    max_bytes: usize,
+) -> Result<Broadcast, IngressDrop> {
+    let topic = subject
+        .strip_prefix(subject_prefix)
+        .and_then(|rest| rest.strip_prefix(".user."))
+        .and_then(Topic::from_subject_token)
+        .ok_or(IngressDrop::BadSubject)?;
+    if body.len() > max_bytes {
+        return Err(IngressDrop::TooLarge);
+    }
+    let envelope: Envelope<'_> = serde_json::from_slice(body).map_err(|_| IngressDrop::NotJson)?;
+    let event = envelope.event.as_ref();
+    if event.is_empty() || event.len() > MAX_EVENT_BYTES || event.starts_with(RESERVED_EVENT_PREFIX)
+    {
+        return Err(IngressDrop::BadEvent);
+    }
+    let empty = RawValue::from_string("{}".to_owned()).expect("{} is JSON");
+    let payload = match envelope.payload {
+        None => &*empty,
+        Some(raw) if raw.get() == "null" => &*empty,
+        Some(raw) if raw.get().starts_with('{') => raw,
+        Some(_) => return Err(IngressDrop::BadPayload),
+    };
+    Ok(Broadcast {
+        topic,
+        frame: protocol::broadcast(&topic.to_string(), event, payload),
+    })
+}
+
+/// Logs dropped messages at most once per [`DROP_LOG_INTERVAL`], with the number suppressed since.
+#[derive(Debug)]
+struct DropLog {
+    last: Option<Instant>,
+    suppressed: AtomicU64,
+}
+
+impl DropLog {
+    fn record(&mut self, subject: &str, reason: IngressDrop) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < DROP_LOG_INTERVAL)
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.last = Some(now);
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            subject,
+            reason = reason.label(),
+            suppressed,
+            "dropped invalid NATS message"
+        );
+    }
+}
+
+/// Ingress: runs until `stop` is cancelled.
+///
+/// # Errors
+/// When the subscription cannot be created.
+pub async fn run_ingress(
+    client: Client,
+    subject_prefix: String,
+    max_bytes: usize,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> Result<(), async_nats::SubscribeError> {
+    let mut messages = client.subscribe(format!("{subject_prefix}.user.*")).await?;
+    let mut drops = DropLog {
+        last: None,
+        suppressed: AtomicU64::new(0),
+    };
+    loop {
+        let message: Message = tokio::select! {
+            () = stop.cancelled() => break,
+            message = messages.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        metrics.nats_messages.fetch_add(1, Ordering::Relaxed);
+        // Skip the decode when nobody here listens, but only for well-formed subjects: a bad subject
+        // is always counted as such.
+        let listening = subject_topic(&subject_prefix, &message.subject)
+            .is_none_or(|topic| hub.has_subscribers(topic));
+        if !listening {
+            metrics.ingress_drop(IngressDrop::NoSubscribers);
+            continue;
+        }
+        match decode(
+            &subject_prefix,
+            &message.subject,
+            &message.payload,
+            max_bytes,
+        ) {
+            Ok(broadcast) => {
+                let delivery = hub.publish(broadcast.topic, &broadcast.frame);
+                if delivery.overflowed > 0 {
+                    tracing::debug!(topic = %broadcast.topic, slow = delivery.overflowed, "slow consumers dropped");
+                }
+            }
+            Err(reason) => {
+                metrics.ingress_drop(reason);
+                drops.record(&message.subject, reason);
+            }
+        }
+    }
+    let _ = messages.unsubscribe().await;
+    Ok(())
+}
+
+fn subject_topic(prefix: &str, subject: &str) -> Option<Topic> {
+    subject
+        .strip_prefix(prefix)?
+        .strip_prefix(".user.")
+        .and_then(Topic::from_subject_token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic::UserId;
+
+    const MAX: usize = 1024;
+
+    #[test]
+    fn encodes_valid_envelopes_once() {
+        let b = decode(
+            "epoch",
+            "epoch.user.42",
+            br#"{"event":"logout","payload":{"token":"t"}}"#,
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(b.topic, Topic::User(UserId::new(42)));
+        assert_eq!(
+            b.frame.as_str(),
+            r#"[null,null,"user:42","logout",{"token":"t"}]"#
+        );
+        let b = decode(
+            "epoch",
+            "epoch.user.public",
+            br#"{"event":"announcement"}"#,
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(
+            b.frame.as_str(),
+            r#"[null,null,"user:public","announcement",{}]"#
+        );
+        let b = decode(
+            "a.b",
+            "a.b.user.role",
+            br#"{"event":"permissionsChanged","payload":null}"#,
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(
+            b.frame.as_str(),
+            r#"[null,null,"user:role","permissionsChanged",{}]"#
+        );
+    }
+
+    #[test]
+    fn refuses_invalid_messages() {
+        let cases: [(&str, &[u8], IngressDrop); 10] = [
+            (
+                "epoch.user.abc",
+                br#"{"event":"x"}"#,
+                IngressDrop::BadSubject,
+            ),
+            (
+                "epoch.user.007",
+                br#"{"event":"x"}"#,
+                IngressDrop::BadSubject,
+            ),
+            (
+                "other.user.public",
+                br#"{"event":"x"}"#,
+                IngressDrop::BadSubject,
+            ),
+            ("epoch.user.public", b"not json", IngressDrop::NotJson),
+            (
+                "epoch.user.public",
+                br#"{"payload":{}}"#,
+                IngressDrop::NotJson,
+            ),
+            (
+                "epoch.user.public",
+                br#"{"event":""}"#,
+                IngressDrop::BadEvent,
+            ),
+            (
+                "epoch.user.public",
+                br#"{"event":"phx_close"}"#,
+                IngressDrop::BadEvent,
+            ),
+            (
+                "epoch.user.public",
+                br#"{"event":"x","payload":[1]}"#,
+                IngressDrop::BadPayload,
+            ),
+            (
+                "epoch.user.public",
+                br#"{"event":"x","payload":"s"}"#,
+                IngressDrop::BadPayload,
+            ),
+            ("epoch.user.public", &[b'x'; MAX + 1], IngressDrop::TooLarge),
+        ];
+        for (subject, body, expected) in cases {
+            assert_eq!(
+                decode("epoch", subject, body, MAX).unwrap_err(),
+                expected,
+                "{subject}"
+            );
+        }
+    }
+}

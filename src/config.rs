@@ -1,0 +1,378 @@
+//! Settings: built-in defaults → optional TOML/YAML file → `EPOCH_GATEWAY__<SECTION>__<KEY>` variables.
+//!
+//! [`Settings::load`] is the only way to get settings, and it validates everything it returns: an address
+//! parses, a node id is safe inside a NATS subject, a production deployment has a real secret. Errors name
+//! the key and its environment variable. Secrets are [`Secret`], which never prints.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Environment variable naming an optional configuration file.
+pub const CONFIG_FILE_ENV: &str = "EPOCH_GATEWAY_CONFIG";
+/// Prefix of the environment variables that override single keys.
+pub const ENV_PREFIX: &str = "EPOCH_GATEWAY";
+
+/// Guardian's development secret (epochtalk_server `config/runtime.exs`), so that tokens minted by a
+/// development Epochtalk server work here too. Refused in production.
+pub const DEV_SECRET: &str = "Secret key. You can use `mix guardian.gen.secret` to get one";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A string that prints as `[redacted]` in `Debug`, `Display` and serialised output.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Settings {
+    pub environment: Environment,
+    pub http: HttpSettings,
+    pub nats: NatsSettings,
+    pub auth: AuthSettings,
+    pub presence: PresenceSettings,
+    #[serde(default)]
+    pub node: NodeSettings,
+    pub ws: WsSettings,
+    pub shutdown: ShutdownSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct HttpSettings {
+    /// `host:port`; port 0 picks a free port, which is logged as `listening on ADDR`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct NatsSettings {
+    /// One URL, or a comma-separated list for a cluster.
+    pub url: String,
+    pub subject_prefix: String,
+    /// Largest ingress message body; a larger one is dropped and counted.
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct AuthSettings {
+    /// Raw bytes of the JWT signing secret, as Guardian uses it.
+    pub secret: Option<Secret>,
+    /// `HS256`, `HS384` or `HS512`; the only algorithm a token may use.
+    pub algorithm: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PresenceSettings {
+    pub bucket: String,
+    /// Lifetime of a presence record that is no longer refreshed (a crashed instance's users).
+    pub ttl_secs: u64,
+    /// Stream replicas of the bucket when the gateway creates it (3 on a 3-node cluster).
+    pub replicas: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct NodeSettings {
+    /// This instance's name in presence records and logs; random when unset.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WsSettings {
+    /// A socket with no inbound frame for this long is closed (Phoenix: 60 s; clients heartbeat every 30 s).
+    pub idle_timeout_secs: u64,
+    /// Largest inbound message; a larger one closes the socket (1009).
+    pub max_message_bytes: usize,
+    /// Frames queued for one socket before it counts as a slow consumer and is closed.
+    pub outbound_queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ShutdownSettings {
+    /// Upper bound on closing sockets and removing presence after SIGTERM.
+    pub grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// `tracing` filter directive, used when `RUST_LOG` is unset.
+    pub level: String,
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be read: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("{key} ({env}): {problem}")]
+    Invalid {
+        key: &'static str,
+        env: String,
+        problem: String,
+    },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    let env = format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_uppercase());
+    ConfigError::Invalid {
+        key,
+        env,
+        problem: problem.into(),
+    }
+}
+
+/// The defaults, one `(key, value)` per setting; the README lists the same table.
+const DEFAULTS: &[(&str, &str)] = &[
+    ("environment", "development"),
+    ("http.listen", "127.0.0.1:4000"),
+    ("nats.url", "nats://127.0.0.1:4222"),
+    ("nats.subject_prefix", "epoch"),
+    ("nats.max_message_bytes", "65536"),
+    ("auth.algorithm", "HS512"),
+    ("presence.bucket", "epoch_presence"),
+    ("presence.ttl_secs", "30"),
+    ("presence.replicas", "1"),
+    ("ws.idle_timeout_secs", "60"),
+    ("ws.max_message_bytes", "65536"),
+    ("ws.outbound_queue", "1024"),
+    ("shutdown.grace_secs", "10"),
+    ("log.format", "text"),
+    ("log.level", "info"),
+];
+
+impl Settings {
+    /// Loads defaults, then `file` (or the file named by `EPOCH_GATEWAY_CONFIG`), then the environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key when a value is missing, malformed or unsafe.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env_file = std::env::var_os(CONFIG_FILE_ENV).map(std::path::PathBuf::from);
+        let file = file.map(Path::to_path_buf).or(env_file);
+        let mut builder = config::Config::builder();
+        for (key, value) in DEFAULTS {
+            builder = builder.set_default(*key, *value)?;
+        }
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let settings: Self = builder
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validated()
+    }
+
+    fn validated(mut self) -> Result<Self, ConfigError> {
+        self.auth_algorithm()?;
+        match (&self.auth.secret, self.environment) {
+            (Some(secret), _) if secret.expose().is_empty() => {
+                return Err(invalid("auth.secret", "must not be empty"));
+            }
+            (Some(secret), Environment::Production) if secret.expose() == DEV_SECRET => {
+                return Err(invalid(
+                    "auth.secret",
+                    "the development secret is refused in production",
+                ));
+            }
+            (None, Environment::Production) => {
+                return Err(invalid("auth.secret", "is required in production"));
+            }
+            _ => {}
+        }
+        if self.nats.url.split(',').all(|url| url.trim().is_empty()) {
+            return Err(invalid("nats.url", "must name at least one server"));
+        }
+        if !is_subject_prefix(&self.nats.subject_prefix) {
+            return Err(invalid(
+                "nats.subject_prefix",
+                "must be dot-separated tokens of letters, digits, '-' and '_'",
+            ));
+        }
+        if !is_key_token(&self.presence.bucket) {
+            return Err(invalid(
+                "presence.bucket",
+                "must be letters, digits, '-' and '_' only",
+            ));
+        }
+        if self.presence.ttl_secs < MIN_PRESENCE_TTL_SECS {
+            return Err(invalid(
+                "presence.ttl_secs",
+                format!("must be at least {MIN_PRESENCE_TTL_SECS}"),
+            ));
+        }
+        if self.presence.replicas == 0 || self.presence.replicas > 5 {
+            return Err(invalid("presence.replicas", "must be between 1 and 5"));
+        }
+        match &self.node.id {
+            Some(id) if !is_key_token(id) || id.len() > MAX_NODE_ID_BYTES => {
+                return Err(invalid(
+                    "node.id",
+                    format!("must be 1-{MAX_NODE_ID_BYTES} letters, digits, '-' and '_'"),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                let random = uuid::Uuid::new_v4().simple().to_string();
+                self.node.id = Some(format!("gw-{}", &random[..12]));
+            }
+        }
+        if self.ws.idle_timeout_secs == 0 {
+            return Err(invalid("ws.idle_timeout_secs", "must be at least 1"));
+        }
+        if self.ws.max_message_bytes < 1024 {
+            return Err(invalid("ws.max_message_bytes", "must be at least 1024"));
+        }
+        if self.ws.outbound_queue == 0 {
+            return Err(invalid("ws.outbound_queue", "must be at least 1"));
+        }
+        if self.nats.max_message_bytes == 0 {
+            return Err(invalid("nats.max_message_bytes", "must be at least 1"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid("log.level", "is not a valid tracing filter"));
+        }
+        Ok(self)
+    }
+
+    /// The pinned JWT algorithm.
+    ///
+    /// # Errors
+    /// When `auth.algorithm` is not one of the HMAC algorithms.
+    pub fn auth_algorithm(&self) -> Result<jsonwebtoken::Algorithm, ConfigError> {
+        use jsonwebtoken::Algorithm;
+        match self.auth.algorithm.as_str() {
+            "HS256" => Ok(Algorithm::HS256),
+            "HS384" => Ok(Algorithm::HS384),
+            "HS512" => Ok(Algorithm::HS512),
+            other => Err(invalid(
+                "auth.algorithm",
+                format!("'{other}' is not supported; use HS256, HS384 or HS512"),
+            )),
+        }
+    }
+
+    /// The signing secret, falling back to [`DEV_SECRET`] outside production.
+    pub fn auth_secret(&self) -> Secret {
+        self.auth
+            .secret
+            .clone()
+            .unwrap_or_else(|| Secret::new(DEV_SECRET))
+    }
+
+    pub fn node_id(&self) -> &str {
+        // `validated` always fills in a node id.
+        self.node.id.as_deref().expect("node id set by validation")
+    }
+
+    pub fn nats_urls(&self) -> Vec<String> {
+        self.nats
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn presence_ttl(&self) -> Duration {
+        Duration::from_secs(self.presence.ttl_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.ws.idle_timeout_secs)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown.grace_secs)
+    }
+}
+
+/// Below this, refreshing records at a third of the TTL would mean a write per user every second.
+pub const MIN_PRESENCE_TTL_SECS: u64 = 3;
+/// Node ids go into KV keys; keep them short.
+pub const MAX_NODE_ID_BYTES: usize = 64;
+
+fn is_key_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn is_subject_prefix(text: &str) -> bool {
+    text.split('.').all(is_key_token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_prefixes_and_key_tokens() {
+        assert!(is_subject_prefix("epoch"));
+        assert!(is_subject_prefix("forum.prod-1"));
+        for bad in ["", "a..b", "a.*", "a.>", "a b", ".a"] {
+            assert!(!is_subject_prefix(bad), "{bad:?}");
+        }
+        assert!(is_key_token("gw-01_a"));
+        assert!(!is_key_token("gw.01"));
+        assert!(!is_key_token("gw/01"));
+    }
+
+    #[test]
+    fn errors_name_the_environment_variable() {
+        let err = invalid("presence.ttl_secs", "must be at least 3");
+        assert_eq!(
+            err.to_string(),
+            "presence.ttl_secs (EPOCH_GATEWAY__PRESENCE__TTL_SECS): must be at least 3"
+        );
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let secret = Secret::new("hunter2");
+        assert_eq!(format!("{secret:?}"), "[redacted]");
+        assert_eq!(serde_json::to_string(&secret).unwrap(), "\"[redacted]\"");
+    }
+}

@@ -1,0 +1,38 @@
+//! epoch-gateway: the real-time edge of the Epochtalk forum.
+//!
+//! Browsers hold a Phoenix Channels V2 WebSocket (phoenix.js); backend services publish events on NATS;
+//! the gateway joins the two, authenticates sockets by JWT, and keeps cluster-wide presence in a
+//! JetStream KV bucket with per-key TTL.
+//!
+//! # Data flow
+//!
+//! ```text
+//! NATS <prefix>.user.* ─► broker (check + encode once) ─► hub (topic → sockets) ─► bounded queue ─► session ─► socket
+//! socket ─► session ─► protocol::decode ─► ws::channel (join / leave / is_online) ─► reply ─► socket
+//!                                              │
+//!                                              └─► presence (local counts) ─► presence::store ─► KV bucket ─► watch ─► presence
+//! ```
+//!
+//! # Layout
+//! - [`config`]: layered settings (defaults → file → `EPOCH_GATEWAY__…`), validated once.
+//! - [`protocol`]: the Phoenix V2 wire format and the close-code catalogue; no I/O.
+//! - [`topic`]: user ids and topics, parsed from client topics and NATS subjects.
+//! - [`auth`]: verifying and minting Guardian-shaped JWTs.
+//! - [`hub`]: local fan-out with a bounded queue per socket; knows neither NATS nor sockets.
+//! - [`broker`]: the NATS connection and ingress (where a NATS message becomes a frame).
+//! - [`presence`]: who is online; [`presence::store`] keeps the KV records and the watch.
+//! - [`ws`]: the upgrade handler, the per-socket session, and the channel logic.
+//! - [`app`]: wiring, HTTP routes (`/healthz`, `/readyz`, `/metrics`) and ordered shutdown.
+//! - [`metrics`], [`telemetry`]: Prometheus text and structured logs.
+
+pub mod app;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod presence;
+pub mod protocol;
+pub mod telemetry;
+pub mod topic;
+pub mod ws;

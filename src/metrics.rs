@@ -1,0 +1,317 @@
+//! Process-wide counters and gauges, rendered in the Prometheus text format for `GET /metrics`.
+//!
+//! Every label set is fixed at compile time (topic kind, drop reason, auth failure reason), so label
+//! cardinality is bounded: no user id or topic name ever becomes a label.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Why an ingress message was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngressDrop {
+    BadSubject,
+    TooLarge,
+    NotJson,
+    BadEvent,
+    BadPayload,
+    NoSubscribers,
+}
+
+impl IngressDrop {
+    const ALL: [Self; 6] = [
+        Self::BadSubject,
+        Self::TooLarge,
+        Self::NotJson,
+        Self::BadEvent,
+        Self::BadPayload,
+        Self::NoSubscribers,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::BadSubject => "bad_subject",
+            Self::TooLarge => "too_large",
+            Self::NotJson => "not_json",
+            Self::BadEvent => "bad_event",
+            Self::BadPayload => "bad_payload",
+            Self::NoSubscribers => "no_subscribers",
+        }
+    }
+}
+
+const AUTH_REASONS: [&str; 7] = [
+    "malformed",
+    "bad_signature",
+    "wrong_algorithm",
+    "expired",
+    "not_yet_valid",
+    "missing_claim",
+    "bad_subject",
+];
+
+const TOPIC_KINDS: [&str; 3] = ["public", "role", "user"];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections_anonymous: AtomicI64,
+    pub connections_authenticated: AtomicI64,
+    pub connections_opened: AtomicU64,
+    pub upgrades_refused_vsn: AtomicU64,
+    auth_failures: [AtomicU64; AUTH_REASONS.len()],
+    joins: [AtomicU64; TOPIC_KINDS.len()],
+    pub joins_refused: AtomicU64,
+    pub nats_messages: AtomicU64,
+    ingress_drops: [AtomicU64; IngressDrop::ALL.len()],
+    pub frames_out: AtomicU64,
+    pub slow_consumers: AtomicU64,
+    pub invalid_client_frames: AtomicU64,
+    pub is_online_queries: AtomicU64,
+    pub nats_connected: AtomicI64,
+    pub nats_reconnects: AtomicU64,
+    pub presence_local_users: AtomicI64,
+    pub presence_online_users: AtomicI64,
+    pub presence_write_errors: AtomicU64,
+}
+
+fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn auth_failure(&self, reason: &str) {
+        if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
+            inc(&self.auth_failures[i]);
+        }
+    }
+
+    pub fn join(&self, kind: &str) {
+        if let Some(i) = TOPIC_KINDS.iter().position(|k| *k == kind) {
+            inc(&self.joins[i]);
+        }
+    }
+
+    pub fn ingress_drop(&self, reason: IngressDrop) {
+        // `ALL` lists every variant, so the position always exists.
+        let i = IngressDrop::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("every drop reason is listed");
+        inc(&self.ingress_drops[i]);
+    }
+
+    pub fn ingress_drops(&self, reason: IngressDrop) -> u64 {
+        let i = IngressDrop::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("every drop reason is listed");
+        self.ingress_drops[i].load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let u = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let i = |g: &AtomicI64| g.load(Ordering::Relaxed);
+
+        header(
+            &mut out,
+            "epoch_gateway_connections",
+            "gauge",
+            "Open WebSocket connections.",
+        );
+        sample(
+            &mut out,
+            "epoch_gateway_connections",
+            "kind=\"anonymous\"",
+            i(&self.connections_anonymous),
+        );
+        sample(
+            &mut out,
+            "epoch_gateway_connections",
+            "kind=\"authenticated\"",
+            i(&self.connections_authenticated),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_connections_opened_total",
+            "WebSocket connections accepted.",
+            u(&self.connections_opened),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_upgrades_refused_vsn_total",
+            "Upgrades refused for an unsupported protocol version.",
+            u(&self.upgrades_refused_vsn),
+        );
+
+        header(
+            &mut out,
+            "epoch_gateway_auth_failures_total",
+            "counter",
+            "Upgrades refused for an invalid token, by reason.",
+        );
+        for (reason, c) in AUTH_REASONS.iter().zip(&self.auth_failures) {
+            sample(
+                &mut out,
+                "epoch_gateway_auth_failures_total",
+                &format!("reason=\"{reason}\""),
+                u(c),
+            );
+        }
+        header(
+            &mut out,
+            "epoch_gateway_joins_total",
+            "counter",
+            "Successful channel joins, by topic kind.",
+        );
+        for (kind, c) in TOPIC_KINDS.iter().zip(&self.joins) {
+            sample(
+                &mut out,
+                "epoch_gateway_joins_total",
+                &format!("kind=\"{kind}\""),
+                u(c),
+            );
+        }
+        counter(
+            &mut out,
+            "epoch_gateway_joins_refused_total",
+            "Channel joins refused.",
+            u(&self.joins_refused),
+        );
+
+        counter(
+            &mut out,
+            "epoch_gateway_nats_messages_total",
+            "Messages received on the ingress subjects.",
+            u(&self.nats_messages),
+        );
+        header(
+            &mut out,
+            "epoch_gateway_ingress_drops_total",
+            "counter",
+            "Ingress messages not delivered, by reason.",
+        );
+        for reason in IngressDrop::ALL {
+            sample(
+                &mut out,
+                "epoch_gateway_ingress_drops_total",
+                &format!("reason=\"{}\"", reason.label()),
+                self.ingress_drops(reason),
+            );
+        }
+        counter(
+            &mut out,
+            "epoch_gateway_frames_out_total",
+            "Frames written to sockets.",
+            u(&self.frames_out),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_slow_consumer_closes_total",
+            "Sockets closed because their outbound queue overflowed.",
+            u(&self.slow_consumers),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_invalid_client_frames_total",
+            "Client frames that were not Phoenix V2 messages.",
+            u(&self.invalid_client_frames),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_is_online_queries_total",
+            "is_online pushes answered.",
+            u(&self.is_online_queries),
+        );
+
+        header(
+            &mut out,
+            "epoch_gateway_nats_connected",
+            "gauge",
+            "1 while connected to NATS.",
+        );
+        sample(
+            &mut out,
+            "epoch_gateway_nats_connected",
+            "",
+            i(&self.nats_connected),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_nats_reconnects_total",
+            "Reconnections to NATS after a disconnect.",
+            u(&self.nats_reconnects),
+        );
+        header(
+            &mut out,
+            "epoch_gateway_presence_local_users",
+            "gauge",
+            "Users with a presence record from this instance.",
+        );
+        sample(
+            &mut out,
+            "epoch_gateway_presence_local_users",
+            "",
+            i(&self.presence_local_users),
+        );
+        header(
+            &mut out,
+            "epoch_gateway_presence_online_users",
+            "gauge",
+            "Users online cluster-wide, as seen by this instance.",
+        );
+        sample(
+            &mut out,
+            "epoch_gateway_presence_online_users",
+            "",
+            i(&self.presence_online_users),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_presence_write_errors_total",
+            "Presence records that could not be written.",
+            u(&self.presence_write_errors),
+        );
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
+    if labels.is_empty() {
+        let _ = writeln!(out, "{name} {value}");
+    } else {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    header(out, name, "counter", help);
+    sample(out, name, "", value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_labelled_counters() {
+        let metrics = Metrics::new();
+        metrics.auth_failure("expired");
+        metrics.ingress_drop(IngressDrop::NotJson);
+        metrics.join("role");
+        let text = metrics.render();
+        assert!(text.contains("epoch_gateway_auth_failures_total{reason=\"expired\"} 1\n"));
+        assert!(text.contains("epoch_gateway_ingress_drops_total{reason=\"not_json\"} 1\n"));
+        assert!(text.contains("epoch_gateway_joins_total{kind=\"role\"} 1\n"));
+        assert!(text.contains("# TYPE epoch_gateway_connections gauge\n"));
+    }
+}

@@ -1,0 +1,187 @@
+//! Who is online: this instance's users, counted per socket, and a view of every other instance's users.
+//!
+//! Sessions call [`Presence::join`] and [`Presence::leave`] when an authenticated socket joins or leaves
+//! `user:public`; a user's first join and last leave on this instance mark the user dirty, and the KV
+//! writer ([`store`]) turns dirty users into records in the JetStream KV bucket. The KV watcher feeds the
+//! records of other instances back in. `is_online` is answered from memory: this instance's own count is
+//! authoritative for its own users (no wait for the KV round trip), the watched view for everyone else.
+
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use tokio::sync::Notify;
+
+use crate::topic::UserId;
+
+/// Presence state of this instance.
+#[derive(Debug)]
+pub struct Presence {
+    node: Arc<str>,
+    /// Joined `user:public` sockets per user on this instance.
+    local: Mutex<HashMap<UserId, u32>>,
+    /// Users whose record must be written or removed; a set, so a burst of joins and leaves of one user
+    /// costs one write, and its size is bounded by the number of users.
+    dirty: Mutex<HashSet<UserId>>,
+    dirty_notify: Notify,
+    /// Other instances holding a record per user, from the KV watch.
+    remote: RwLock<HashMap<UserId, Vec<Arc<str>>>>,
+}
+
+impl Presence {
+    pub fn new(node: &str) -> Arc<Self> {
+        Arc::new(Self {
+            node: node.into(),
+            local: Mutex::default(),
+            dirty: Mutex::default(),
+            dirty_notify: Notify::new(),
+            remote: RwLock::default(),
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// One more socket of `user` joined `user:public` here.
+    pub fn join(&self, user: UserId) {
+        let first = {
+            let mut local = lock(&self.local);
+            let count = local.entry(user).or_insert(0);
+            *count += 1;
+            *count == 1
+        };
+        if first {
+            self.mark_dirty([user]);
+        }
+    }
+
+    /// One socket of `user` left `user:public` here (left, closed, or rejoined elsewhere).
+    pub fn leave(&self, user: UserId) {
+        let last = {
+            let mut local = lock(&self.local);
+            match local.get_mut(&user) {
+                Some(count) if *count > 1 => {
+                    *count -= 1;
+                    false
+                }
+                Some(_) => {
+                    local.remove(&user);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            self.mark_dirty([user]);
+        }
+    }
+
+    pub fn is_local(&self, user: UserId) -> bool {
+        lock(&self.local).contains_key(&user)
+    }
+
+    /// Online anywhere in the cluster.
+    pub fn is_online(&self, user: UserId) -> bool {
+        self.is_local(user) || read(&self.remote).contains_key(&user)
+    }
+
+    pub fn local_users(&self) -> Vec<UserId> {
+        lock(&self.local).keys().copied().collect()
+    }
+
+    /// Users online anywhere: this instance's plus those only other instances hold.
+    pub fn online_count(&self) -> usize {
+        let local = lock(&self.local);
+        let remote = read(&self.remote);
+        local.len()
+            + remote
+                .keys()
+                .filter(|user| !local.contains_key(user))
+                .count()
+    }
+
+    fn mark_dirty(&self, users: impl IntoIterator<Item = UserId>) {
+        lock(&self.dirty).extend(users);
+        self.dirty_notify.notify_one();
+    }
+
+    fn take_dirty(&self) -> HashSet<UserId> {
+        std::mem::take(&mut *lock(&self.dirty))
+    }
+
+    /// Records that `node` holds (or no longer holds) a record for `user`. This instance's own records are
+    /// ignored: its local count already answers for them.
+    fn record_remote(&self, user: UserId, node: &str, present: bool) {
+        if node == &*self.node {
+            return;
+        }
+        let mut remote = write(&self.remote);
+        if present {
+            let nodes = remote.entry(user).or_default();
+            if !nodes.iter().any(|n| &**n == node) {
+                nodes.push(node.into());
+            }
+        } else if let Some(nodes) = remote.get_mut(&user) {
+            nodes.retain(|n| &**n != node);
+            if nodes.is_empty() {
+                remote.remove(&user);
+            }
+        }
+    }
+
+    fn clear_remote(&self) {
+        write(&self.remote).clear();
+    }
+}
+
+// Every critical section above is a single map operation, so a poisoned lock still guards consistent data.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_join_and_last_leave_mark_dirty() {
+        let presence = Presence::new("a");
+        let user = UserId::new(5);
+        presence.join(user);
+        presence.join(user);
+        assert_eq!(presence.take_dirty(), HashSet::from([user]));
+        presence.leave(user);
+        assert!(presence.take_dirty().is_empty());
+        assert!(presence.is_online(user));
+        presence.leave(user);
+        assert_eq!(presence.take_dirty(), HashSet::from([user]));
+        assert!(!presence.is_online(user));
+        presence.leave(user);
+        assert!(presence.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn remote_records_of_other_nodes_count() {
+        let presence = Presence::new("a");
+        let user = UserId::new(5);
+        presence.record_remote(user, "a", true);
+        assert!(!presence.is_online(user));
+        presence.record_remote(user, "b", true);
+        presence.record_remote(user, "c", true);
+        presence.record_remote(user, "b", false);
+        assert!(presence.is_online(user));
+        presence.record_remote(user, "c", false);
+        assert!(!presence.is_online(user));
+        assert_eq!(presence.online_count(), 0);
+    }
+}

@@ -1,0 +1,353 @@
+//! Presence records in a JetStream KV bucket with per-key TTL (nats-server ≥ 2.11).
+//!
+//! One record per (user, instance), key `<user_id>.<node_id>`, written with a `Nats-TTL` of the configured
+//! presence TTL and rewritten every third of it while the user stays online here. A clean leave purges the
+//! record at once; a record that is not refreshed (the instance died) expires by itself and leaves a
+//! delete marker that every watcher sees. Purge and expiry markers carry a short TTL of their own, so the
+//! bucket does not fill up with markers of instances that are gone.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, kv, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::join_all;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::Presence;
+use crate::metrics::Metrics;
+use crate::topic::UserId;
+
+/// How long purge and expiry markers stay in the bucket: long enough for any watcher to see them.
+pub const MARKER_TTL: Duration = Duration::from_secs(5);
+/// Records are rewritten this many times per TTL, so one lost write does not expire a user.
+const REFRESHES_PER_TTL: u32 = 3;
+/// Pause before retrying writes that failed (NATS down, JetStream busy).
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Pause before re-opening a watch that failed.
+const REWATCH_DELAY: Duration = Duration::from_millis(500);
+
+/// Why the presence bucket could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "presence bucket '{bucket}' exists with other settings: {differences}; delete it or change the configuration"
+    )]
+    Mismatch { bucket: String, differences: String },
+    #[error("JetStream request failed: {0}")]
+    JetStream(String),
+}
+
+/// The bucket settings the gateway needs.
+#[derive(Debug, Clone)]
+pub struct BucketSpec {
+    pub bucket: String,
+    pub replicas: usize,
+}
+
+impl BucketSpec {
+    fn config(&self) -> kv::Config {
+        kv::Config {
+            bucket: self.bucket.clone(),
+            description: "epoch-gateway presence: one record per (user, instance)".to_owned(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            limit_markers: Some(MARKER_TTL),
+            ..Default::default()
+        }
+    }
+}
+
+/// Opens the bucket, creating it when missing. An existing bucket with other settings is an error; it is
+/// never changed or recreated here.
+///
+/// # Errors
+/// [`StoreError::Mismatch`] listing what differs, or [`StoreError::JetStream`] when NATS does not answer.
+pub async fn open_bucket(
+    js: &jetstream::Context,
+    spec: &BucketSpec,
+) -> Result<kv::Store, StoreError> {
+    let stream_name = format!("KV_{}", spec.bucket);
+    match js.get_stream(&stream_name).await {
+        Ok(stream) => {
+            let differences = differences(&stream.cached_info().config, spec);
+            if !differences.is_empty() {
+                return Err(StoreError::Mismatch {
+                    bucket: spec.bucket.clone(),
+                    differences: differences.join(", "),
+                });
+            }
+            js.get_key_value(&spec.bucket)
+                .await
+                .map_err(|e| StoreError::JetStream(e.to_string()))
+        }
+        Err(err)
+            if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref e)
+                if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            tracing::info!(bucket = %spec.bucket, replicas = spec.replicas, "creating presence bucket");
+            js.create_key_value(spec.config())
+                .await
+                .map_err(|e| StoreError::JetStream(e.to_string()))
+        }
+        Err(err) => Err(StoreError::JetStream(err.to_string())),
+    }
+}
+
+fn differences(actual: &stream::Config, spec: &BucketSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    if !actual.allow_message_ttl {
+        out.push("per-message TTL is off (needs nats-server >= 2.11 and limit markers)".to_owned());
+    }
+    if actual.subject_delete_marker_ttl != Some(MARKER_TTL) {
+        out.push(format!(
+            "limit marker TTL is {:?}, expected {MARKER_TTL:?}",
+            actual.subject_delete_marker_ttl
+        ));
+    }
+    if actual.max_messages_per_subject != 1 {
+        out.push(format!(
+            "history is {}, expected 1",
+            actual.max_messages_per_subject
+        ));
+    }
+    if actual.num_replicas != spec.replicas {
+        out.push(format!(
+            "replicas are {}, expected {}",
+            actual.num_replicas, spec.replicas
+        ));
+    }
+    out
+}
+
+/// Key of `user`'s record from `node`. Node ids are validated at configuration time to be a single key
+/// token, and user ids are decimal, so the key has exactly two tokens.
+pub fn record_key(user: UserId, node: &str) -> String {
+    format!("{user}.{node}")
+}
+
+/// The inverse of [`record_key`]; `None` for any key this gateway does not write.
+pub fn parse_record_key(key: &str) -> Option<(UserId, &str)> {
+    let (user, node) = key.split_once('.')?;
+    let valid_node = !node.is_empty()
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    valid_node.then_some(())?;
+    Some((UserId::parse(user)?, node))
+}
+
+/// Writes this instance's records: dirty users as they change, every local user once per refresh period,
+/// and every local user again after a NATS reconnect (the server may have lost them).
+#[derive(Debug)]
+pub struct Writer {
+    pub presence: Arc<Presence>,
+    pub js: jetstream::Context,
+    pub bucket: String,
+    pub ttl: Duration,
+    pub metrics: Arc<Metrics>,
+    pub reconnects: watch::Receiver<u64>,
+}
+
+impl Writer {
+    /// Runs until `stop` is cancelled, then writes the last changes and purges every record it still holds.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut refresh = tokio::time::interval(self.ttl / REFRESHES_PER_TTL);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut held: HashSet<UserId> = HashSet::new();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = self.presence.dirty_notify.notified() => {}
+                _ = refresh.tick() => self.presence.mark_dirty(self.presence.local_users()),
+                changed = self.reconnects.changed() => {
+                    if changed.is_ok() {
+                        tracing::info!("NATS reconnected: re-asserting presence records");
+                        self.presence.mark_dirty(self.presence.local_users());
+                    }
+                }
+            }
+            let dirty = self.presence.take_dirty();
+            if !self.write(dirty, &mut held).await {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(RETRY_DELAY) => {}
+                }
+            }
+            self.update_gauges(&held);
+        }
+        let mut last = self.presence.take_dirty();
+        last.extend(held.iter().copied());
+        // After `stop`, sessions are gone, so every remaining user is written as offline.
+        self.write(last, &mut held).await;
+        self.update_gauges(&held);
+        if !held.is_empty() {
+            tracing::warn!(
+                records = held.len(),
+                "presence records left to expire by TTL"
+            );
+        }
+    }
+
+    /// Writes one batch; failed users go back to the dirty set. Returns whether everything was written.
+    async fn write(&self, users: HashSet<UserId>, held: &mut HashSet<UserId>) -> bool {
+        if users.is_empty() {
+            return true;
+        }
+        // Publish the whole batch before awaiting any acknowledgement: JetStream applies them in order and
+        // one round trip covers them all.
+        let mut pending = Vec::with_capacity(users.len());
+        for user in users {
+            let online = self.presence.is_local(user);
+            let subject = format!(
+                "$KV.{}.{}",
+                self.bucket,
+                record_key(user, self.presence.node())
+            );
+            let headers = if online {
+                ttl_headers(self.ttl)
+            } else {
+                purge_headers()
+            };
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, Bytes::new())
+                .await;
+            pending.push((user, online, ack));
+        }
+        let mut all_written = true;
+        let acks = pending.into_iter().map(|(user, online, ack)| async move {
+            let result = match ack {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            (user, online, result)
+        });
+        for (user, online, result) in join_all(acks).await {
+            match result {
+                Ok(()) if online => {
+                    held.insert(user);
+                }
+                Ok(()) => {
+                    held.remove(&user);
+                }
+                Err(error) => {
+                    all_written = false;
+                    self.metrics
+                        .presence_write_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(%user, %error, "presence record not written; will retry");
+                    self.presence.mark_dirty([user]);
+                }
+            }
+        }
+        all_written
+    }
+
+    fn update_gauges(&self, held: &HashSet<UserId>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let held = i64::try_from(held.len()).unwrap_or(i64::MAX);
+        let online = i64::try_from(self.presence.online_count()).unwrap_or(i64::MAX);
+        self.metrics.presence_local_users.store(held, Relaxed);
+        self.metrics.presence_online_users.store(online, Relaxed);
+    }
+}
+
+fn ttl_headers(ttl: Duration) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-TTL", format!("{}s", ttl.as_secs()).as_str());
+    headers
+}
+
+/// A purge that removes the record's history and expires itself after [`MARKER_TTL`].
+fn purge_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("KV-Operation", "PURGE");
+    headers.insert("Nats-Rollup", "sub");
+    headers.insert("Nats-TTL", format!("{}s", MARKER_TTL.as_secs()).as_str());
+    headers
+}
+
+/// Keeps [`Presence`]'s view of other instances' records current, rebuilding it from the bucket after a
+/// reconnect or a broken watch.
+pub async fn watch_records(
+    presence: Arc<Presence>,
+    store: kv::Store,
+    mut reconnects: watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
+    loop {
+        let mut records = match store.watch_with_history(">").await {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::warn!(%error, "presence watch could not start; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(REWATCH_DELAY) => continue,
+                }
+            }
+        };
+        presence.clear_remote();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = reconnects.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                entry = records.next() => match entry {
+                    Some(Ok(entry)) => apply(&presence, &entry),
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "presence watch failed; rebuilding");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+fn apply(presence: &Presence, entry: &kv::Entry) {
+    let Some((user, node)) = parse_record_key(&entry.key) else {
+        tracing::debug!(key = %entry.key, "ignoring foreign presence key");
+        return;
+    };
+    let present = matches!(entry.operation, kv::Operation::Put);
+    presence.record_remote(user, node, present);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_keys_round_trip() {
+        let key = record_key(UserId::new(42), "gw-1_a");
+        assert_eq!(key, "42.gw-1_a");
+        assert_eq!(parse_record_key(&key), Some((UserId::new(42), "gw-1_a")));
+    }
+
+    #[test]
+    fn foreign_keys_are_refused() {
+        for key in [
+            "42",
+            "42.",
+            ".gw",
+            "x.gw",
+            "042.gw",
+            "42.gw.extra",
+            "42.g w",
+            "-1.gw",
+        ] {
+            assert_eq!(parse_record_key(key), None, "{key:?}");
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Domain names shared by every layer: user ids and the three kinds of channel topic.
+//!
+//! A [`Topic`] is the hub's key. It is parsed from a client's topic string (`user:public`, `user:role`,
+//! `user:<id>`) and from the last token of a NATS subject (`public`, `role`, `<id>`), and both parsers
+//! accept only the canonical spelling, so one user has exactly one topic.
+
+use std::fmt;
+
+/// A forum user id: the decimal `sub` claim of a token, and the suffix of a `user:<id>` topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(u64);
+
+impl UserId {
+    pub const fn new(id: u64) -> Self {
+        Self(id)
+    }
+
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// Parses the canonical decimal form: digits only, no sign, no leading zero (except `0` itself).
+    pub fn parse(text: &str) -> Option<Self> {
+        let canonical = !text.is_empty()
+            && text.bytes().all(|b| b.is_ascii_digit())
+            && (text == "0" || !text.starts_with('0'));
+        if !canonical {
+            return None;
+        }
+        text.parse().ok().map(Self)
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A channel topic that can carry messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// `user:public`: everyone.
+    Public,
+    /// `user:role`: every authenticated socket.
+    Role,
+    /// `user:<id>`: the sockets of one user.
+    User(UserId),
+}
+
+/// Prefix shared by every topic the gateway serves.
+pub const TOPIC_PREFIX: &str = "user:";
+
+/// How a client's topic string routes, before authorisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    Public,
+    Role,
+    /// `user:<suffix>` with the suffix as sent; it names a user only if it is a canonical id.
+    User(&'a str),
+    /// Anything outside `user:*`.
+    Unmatched,
+}
+
+impl<'a> Route<'a> {
+    pub fn of(topic: &'a str) -> Self {
+        match topic.strip_prefix(TOPIC_PREFIX) {
+            Some("public") => Self::Public,
+            Some("role") => Self::Role,
+            Some(suffix) => Self::User(suffix),
+            None => Self::Unmatched,
+        }
+    }
+}
+
+impl Topic {
+    /// Topic named by the last token of a NATS subject `<prefix>.user.<token>`.
+    pub fn from_subject_token(token: &str) -> Option<Self> {
+        match token {
+            "public" => Some(Self::Public),
+            "role" => Some(Self::Role),
+            other => UserId::parse(other).map(Self::User),
+        }
+    }
+
+    /// Short label for logs and metrics (never a user id: label values must stay few).
+    pub const fn kind(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Role => "role",
+            Self::User(_) => "user",
+        }
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Public => f.write_str("user:public"),
+            Self::Role => f.write_str("user:role"),
+            Self::User(id) => write!(f, "user:{id}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_canonical_decimals() {
+        assert_eq!(UserId::parse("42"), Some(UserId::new(42)));
+        assert_eq!(UserId::parse("0"), Some(UserId::new(0)));
+        for bad in [
+            "",
+            "042",
+            "-1",
+            "+1",
+            "4 2",
+            "abc",
+            "1e3",
+            "99999999999999999999",
+        ] {
+            assert_eq!(UserId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn routes_client_topics() {
+        assert_eq!(Route::of("user:public"), Route::Public);
+        assert_eq!(Route::of("user:role"), Route::Role);
+        assert_eq!(Route::of("user:7"), Route::User("7"));
+        assert_eq!(Route::of("user:"), Route::User(""));
+        assert_eq!(Route::of("room:lobby"), Route::Unmatched);
+        assert_eq!(Route::of("phoenix"), Route::Unmatched);
+    }
+
+    #[test]
+    fn subject_tokens_name_topics() {
+        assert_eq!(Topic::from_subject_token("public"), Some(Topic::Public));
+        assert_eq!(Topic::from_subject_token("role"), Some(Topic::Role));
+        assert_eq!(
+            Topic::from_subject_token("12"),
+            Some(Topic::User(UserId::new(12)))
+        );
+        assert_eq!(Topic::from_subject_token("012"), None);
+        assert_eq!(Topic::from_subject_token("admins"), None);
+        assert_eq!(Topic::User(UserId::new(12)).to_string(), "user:12");
+    }
+}

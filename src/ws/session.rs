@@ -1,0 +1,203 @@
+//! One WebSocket connection from upgrade to close: a single task that owns the socket.
+//!
+//! It waits on five things: shutdown, its own slow-consumer signal, the idle deadline, the outbound queue
+//! (broadcasts from the hub) and the next client frame. Queued frames are written in batches with one
+//! flush; replies to client frames are written right away. Every exit path drops [`Channels`], which
+//! unsubscribes the socket and releases its presence.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::channel::Channels;
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::hub::Outbound;
+use crate::protocol::{self, Frame, close_code};
+
+/// Most queued frames written before one flush: large enough to amortise the syscall, small enough to
+/// keep a burst from delaying a reply.
+const MAX_BATCH: usize = 64;
+/// A write that cannot finish within this time means the client stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a close frame may take; the socket is dropped after it either way.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+enum Step {
+    Write(Frame),
+    Inbound(Option<Result<Message, axum::Error>>),
+    Close(u16, &'static str),
+    /// The outbound queue overflowed.
+    SlowConsumer,
+}
+
+/// Serves one upgraded socket until it closes.
+pub async fn run(socket: WebSocket, state: Arc<AppState>, principal: Option<Principal>) {
+    let conn = state.next_conn_id();
+    let user = principal.as_ref().map(|p| p.user_id.get());
+    let span = tracing::info_span!("socket", node = %state.presence.node(), conn, user);
+    let gauge = if principal.is_some() {
+        &state.metrics.connections_authenticated
+    } else {
+        &state.metrics.connections_anonymous
+    };
+    gauge.fetch_add(1, Ordering::Relaxed);
+    state
+        .metrics
+        .connections_opened
+        .fetch_add(1, Ordering::Relaxed);
+    serve(socket, &state, principal, conn)
+        .instrument(span)
+        .await;
+    gauge.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Principal>, conn: u64) {
+    tracing::debug!("socket opened");
+    let (tx, mut queue) = mpsc::channel(state.limits.outbound_queue);
+    let overflow = CancellationToken::new();
+    let mut channels = Channels::new(
+        conn,
+        principal,
+        Outbound::new(tx, overflow.clone()),
+        Arc::clone(&state.hub),
+        Arc::clone(&state.presence),
+        Arc::clone(&state.metrics),
+    );
+    let idle_timeout = state.limits.idle_timeout;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+
+    let reason = loop {
+        let step = tokio::select! {
+            biased;
+            () = state.shutdown.cancelled() => Step::Close(close_code::GOING_AWAY, "server shutting down"),
+            () = overflow.cancelled() => Step::SlowConsumer,
+            () = &mut idle => Step::Close(close_code::IDLE_TIMEOUT, "idle timeout"),
+            // `Channels` holds a sender for as long as this loop runs, so the queue never ends here.
+            Some(frame) = queue.recv() => Step::Write(frame),
+            message = socket.next() => Step::Inbound(message),
+        };
+        match step {
+            Step::Write(first) => {
+                let written = tokio::select! {
+                    result = timeout(WRITE_TIMEOUT, write_batch(&mut socket, first, &mut queue)) => result,
+                    () = overflow.cancelled() => break "slow consumer",
+                };
+                match written {
+                    Ok(Ok(count)) => {
+                        state.metrics.frames_out.fetch_add(count, Ordering::Relaxed);
+                    }
+                    Ok(Err(_)) => break "write failed",
+                    Err(_) => break "write timed out",
+                }
+            }
+            Step::Inbound(None) => break "client went away",
+            Step::Inbound(Some(Err(error))) => {
+                tracing::debug!(%error, "socket read failed");
+                break "read failed";
+            }
+            Step::Inbound(Some(Ok(message))) => {
+                idle.as_mut().reset(Instant::now() + idle_timeout);
+                match message {
+                    Message::Text(text) => match protocol::decode(text.as_str()) {
+                        Ok(frame) => {
+                            let replies = channels.handle(frame);
+                            let count = replies.len() as u64;
+                            if write_all(&mut socket, replies).await.is_err() {
+                                break "write failed";
+                            }
+                            state.metrics.frames_out.fetch_add(count, Ordering::Relaxed);
+                        }
+                        Err(error) => {
+                            state
+                                .metrics
+                                .invalid_client_frames
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%error, "invalid client frame");
+                            close(&mut socket, close_code::INVALID_FRAME, "invalid frame").await;
+                            break "invalid frame";
+                        }
+                    },
+                    Message::Binary(_) => {
+                        state
+                            .metrics
+                            .invalid_client_frames
+                            .fetch_add(1, Ordering::Relaxed);
+                        close(
+                            &mut socket,
+                            close_code::UNSUPPORTED_DATA,
+                            "text frames only",
+                        )
+                        .await;
+                        break "binary frame";
+                    }
+                    // Pings are answered by the WebSocket layer on the next flush.
+                    Message::Ping(_) | Message::Pong(_) => {
+                        let _ = timeout(WRITE_TIMEOUT, socket.flush()).await;
+                    }
+                    Message::Close(_) => {
+                        // Answer the close handshake promptly: phoenix.js waits for it before rejoining.
+                        let _ = timeout(WRITE_TIMEOUT, socket.flush()).await;
+                        break "client closed";
+                    }
+                }
+            }
+            Step::Close(code, reason) => {
+                close(&mut socket, code, reason).await;
+                break reason;
+            }
+            Step::SlowConsumer => break "slow consumer",
+        }
+    };
+    if reason == "slow consumer" {
+        state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+        close(&mut socket, close_code::SLOW_CONSUMER, "slow consumer").await;
+    }
+    drop(channels);
+    tracing::debug!(reason, "socket closed");
+}
+
+async fn write_batch(
+    socket: &mut WebSocket,
+    first: Frame,
+    queue: &mut mpsc::Receiver<Frame>,
+) -> Result<u64, axum::Error> {
+    socket.feed(Message::Text(first)).await?;
+    let mut count = 1;
+    while count < MAX_BATCH as u64 {
+        let Ok(frame) = queue.try_recv() else { break };
+        socket.feed(Message::Text(frame)).await?;
+        count += 1;
+    }
+    socket.flush().await?;
+    Ok(count)
+}
+
+async fn write_all(socket: &mut WebSocket, frames: Vec<Frame>) -> Result<(), axum::Error> {
+    let write = async {
+        for frame in frames {
+            socket.feed(Message::Text(frame)).await?;
+        }
+        socket.flush().await
+    };
+    timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(axum::Error::new("write timed out")))
+}
+
+/// Sends a close frame; a client that does not take it in time is dropped anyway.
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+}
