@@ -264,7 +264,10 @@ async fn run_presence(
             () = tokio::time::sleep(step) => {}
         }
         waited += step;
-        if waited.as_millis() % NATS_WAIT_LOG_INTERVAL.as_millis() == 0 {
+        if waited
+            .as_millis()
+            .is_multiple_of(NATS_WAIT_LOG_INTERVAL.as_millis())
+        {
             tracing::warn!(nats = %urls, waited_secs = waited.as_secs(), "NATS not reachable yet; retrying");
         }
     }

@@ -133,6 +133,10 @@ pub fn decode(
     if body.len() > max_bytes {
         return Err(IngressDrop::TooLarge);
     }
+    // serde would also read a struct from a JSON array; the envelope must be an object.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(IngressDrop::NotJson);
+    }
     let envelope: Envelope<'_> = serde_json::from_slice(body).map_err(|_| IngressDrop::NotJson)?;
     let event = envelope.event.as_ref();
     if event.is_empty() || event.len() > MAX_EVENT_BYTES || event.starts_with(RESERVED_EVENT_PREFIX)
@@ -290,7 +294,12 @@ mod tests {
 
     #[test]
     fn refuses_invalid_messages() {
-        let cases: [(&str, &[u8], IngressDrop); 10] = [
+        let cases: [(&str, &[u8], IngressDrop); 11] = [
+            (
+                "epoch.user.public",
+                br#"["announcement",{}]"#,
+                IngressDrop::NotJson,
+            ),
             (
                 "epoch.user.abc",
                 br#"{"event":"x"}"#,

@@ -1,0 +1,81 @@
+//! Start without NATS, readiness, and shutdown on SIGTERM.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn starts_without_nats_and_becomes_ready_when_it_appears() {
+    let port = free_port();
+    let gw = Gateway::start_with(
+        &format!("nats://127.0.0.1:{port}"),
+        GatewayOptions {
+            wait_ready: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(gw.http_status("/healthz").await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gw.http_status("/readyz").await, 503);
+
+    let nats = Nats::start_on(port);
+    gw.wait_ready().await;
+    // Ingress works once connected.
+    let publisher = nats.client().await;
+    let mut client = gw.anonymous().await;
+    client.join_ok("user:public").await;
+    gw.publish(&publisher, "public", r#"{"event":"announcement"}"#)
+        .await;
+    assert_eq!(
+        client.frame().await,
+        broadcast("user:public", "announcement", json!({}))
+    );
+}
+
+#[tokio::test]
+async fn sigterm_closes_sockets_with_1001_removes_presence_and_exits_0() {
+    let nats = Nats::start();
+    let mut gw = Gateway::start(&nats.url).await;
+    let mut clients = Vec::new();
+    for user in [31, 32] {
+        let mut client = gw.authenticated(user).await;
+        client.join_ok("user:public").await;
+        clients.push(client);
+    }
+    let js = async_nats::jetstream::new(nats.client().await);
+    let store = js.get_key_value(&gw.bucket).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while store
+        .get(format!("32.{}", gw.node))
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "presence record not written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    gw.signal("TERM");
+    for client in &mut clients {
+        assert_eq!(client.next().await, Next::Closed(Some(1001)));
+    }
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)).await, Some(0));
+    for user in [31, 32] {
+        assert_eq!(
+            store.get(format!("{user}.{}", gw.node)).await.unwrap(),
+            None,
+            "record of {user} removed"
+        );
+    }
+    let logs = gw.logs().join("\n");
+    assert!(
+        logs.contains("shutdown signal received") && logs.contains("stopped"),
+        "{logs}"
+    );
+}

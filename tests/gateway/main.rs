@@ -1,0 +1,13 @@
+//! Integration tests: the real binary against a real nats-server, driven by real WebSocket clients.
+
+// Helpers are `pub` for the test modules of this one binary.
+#![allow(unreachable_pub)]
+
+mod auth;
+mod channels;
+mod cli;
+mod helpers;
+mod ingress;
+mod lifecycle;
+mod phoenix_js;
+mod presence;
