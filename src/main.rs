@@ -62,14 +62,26 @@ fn main() -> ExitCode {
             };
             let auth = Authenticator::new(&settings.auth_secret(), algorithm);
             let jti = jti.unwrap_or_else(uuid::Uuid::new_v4).to_string();
-            println!("{}", auth.mint(UserId::new(user), ttl, &jti));
-            ExitCode::SUCCESS
+            print_out(&auth.mint(UserId::new(user), ttl, &jti))
         }
         Command::CheckConfig => {
             // Settings hold only strings, numbers and addresses, which always serialise.
             let text = serde_json::to_string_pretty(&settings).expect("settings serialise");
-            println!("{text}");
-            ExitCode::SUCCESS
+            print_out(&text)
+        }
+    }
+}
+
+/// Prints a command's result; a closed pipe (`| head`) is not a failure worth a panic.
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("epoch-gateway: cannot write the output: {error}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -101,6 +101,19 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
             }
             Step::Inbound(None) => break "client went away",
             Step::Inbound(Some(Err(error))) => {
+                let error = error.into_inner();
+                let too_big = matches!(
+                    error.downcast_ref::<tungstenite::Error>(),
+                    Some(tungstenite::Error::Capacity(_))
+                );
+                if too_big {
+                    state
+                        .metrics
+                        .invalid_client_frames
+                        .fetch_add(1, Ordering::Relaxed);
+                    close(&mut socket, close_code::MESSAGE_TOO_BIG, "message too big").await;
+                    break "message too big";
+                }
                 tracing::debug!(%error, "socket read failed");
                 break "read failed";
             }

@@ -245,6 +245,13 @@ async fn malformed_frames_close_the_socket_with_a_documented_code() {
     let mut client = gw.anonymous().await;
     client.send_raw(Message::binary(vec![0u8, 1, 2])).await;
     assert_eq!(client.next().await, Next::Closed(Some(1003)));
+    let mut client = gw.anonymous().await;
+    let huge = format!(
+        r#"[null,"1","phoenix","heartbeat",{{"pad":"{}"}}]"#,
+        "x".repeat(70_000)
+    );
+    client.send_text(&huge).await;
+    assert_eq!(client.next().await, Next::Closed(Some(1009)));
 
     // Others are unaffected.
     let mut healthy = gw.anonymous().await;
