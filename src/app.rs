@@ -56,6 +56,7 @@ pub struct AppState {
     pub presence: Arc<Presence>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    pub origins: ws::AllowedOrigins,
     /// Cancelled when the instance starts shutting down.
     pub shutdown: CancellationToken,
     /// Every live session, so shutdown can wait for them (axum does not track upgraded connections).
@@ -112,6 +113,7 @@ impl Application {
                 max_message_bytes: settings.ws.max_message_bytes,
                 outbound_queue: settings.ws.outbound_queue,
             },
+            origins: ws::AllowedOrigins::new(&settings.http.allowed_origins),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             bucket_ready: AtomicBool::new(false),

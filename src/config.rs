@@ -79,6 +79,11 @@ pub struct Settings {
 pub struct HttpSettings {
     /// `host:port`; port 0 picks a free port, which is logged as `listening on ADDR`.
     pub listen: SocketAddr,
+    /// Origins allowed to open a socket: full origins (`https://forum.example`) or bare hosts
+    /// (`forum.example`, any scheme and port), or `*` for any. Empty: any (development only).
+    /// A request without an `Origin` header is always accepted, as Phoenix does.
+    #[serde(default, deserialize_with = "comma_list")]
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -196,6 +201,7 @@ impl Settings {
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("__")
+                    // No `try_parsing`: it would turn a secret like "0123" into the number 123.
                     .separator("__"),
             )
             .build()?
@@ -219,6 +225,23 @@ impl Settings {
                 return Err(invalid("auth.secret", "is required in production"));
             }
             _ => {}
+        }
+        if let Some(bad) = self
+            .http
+            .allowed_origins
+            .iter()
+            .find(|o| !is_origin_pattern(o))
+        {
+            return Err(invalid(
+                "http.allowed_origins",
+                format!("'{bad}' is not an origin (scheme://host[:port]), a host, or *"),
+            ));
+        }
+        if self.environment == Environment::Production && self.http.allowed_origins.is_empty() {
+            return Err(invalid(
+                "http.allowed_origins",
+                "is required in production (list the forum's origins, or * to allow any)",
+            ));
         }
         if self.nats.url.split(',').all(|url| url.trim().is_empty()) {
             return Err(invalid("nats.url", "must name at least one server"));
@@ -333,6 +356,37 @@ pub const MIN_PRESENCE_TTL_SECS: u64 = 3;
 /// Node ids go into KV keys; keep them short.
 pub const MAX_NODE_ID_BYTES: usize = 64;
 
+/// A list from a file (`["a", "b"]`) or from one environment variable (`"a,b"`).
+fn comma_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(text) => text.split(',').map(str::to_owned).collect(),
+        OneOrMany::Many(items) => items,
+    };
+    Ok(items
+        .into_iter()
+        .map(|item| item.trim().to_owned())
+        .filter(|item| !item.is_empty())
+        .collect())
+}
+
+fn is_origin_pattern(text: &str) -> bool {
+    let host_port = match text.split_once("://") {
+        Some((scheme, rest)) if !scheme.is_empty() => rest,
+        Some(_) => return false,
+        None => text,
+    };
+    text == "*"
+        || (!host_port.is_empty()
+            && !host_port.contains(['/', '?', '#', ' ', '*'])
+            && !host_port.starts_with(':'))
+}
+
 fn is_key_token(text: &str) -> bool {
     !text.is_empty()
         && text
@@ -358,6 +412,28 @@ mod tests {
         assert!(is_key_token("gw-01_a"));
         assert!(!is_key_token("gw.01"));
         assert!(!is_key_token("gw/01"));
+    }
+
+    #[test]
+    fn origin_patterns() {
+        for good in [
+            "*",
+            "https://forum.example",
+            "http://localhost:8080",
+            "forum.example",
+        ] {
+            assert!(is_origin_pattern(good), "{good}");
+        }
+        for bad in [
+            "",
+            "https://",
+            "://x",
+            "https://forum.example/path",
+            "*.example",
+            ":80",
+        ] {
+            assert!(!is_origin_pattern(bad), "{bad}");
+        }
     }
 
     #[test]

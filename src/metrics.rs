@@ -57,6 +57,7 @@ pub struct Metrics {
     pub connections_authenticated: AtomicI64,
     pub connections_opened: AtomicU64,
     pub upgrades_refused_vsn: AtomicU64,
+    pub upgrades_refused_origin: AtomicU64,
     auth_failures: [AtomicU64; AUTH_REASONS.len()],
     joins: [AtomicU64; TOPIC_KINDS.len()],
     pub joins_refused: AtomicU64,
@@ -146,6 +147,12 @@ impl Metrics {
             "epoch_gateway_upgrades_refused_vsn_total",
             "Upgrades refused for an unsupported protocol version.",
             u(&self.upgrades_refused_vsn),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_upgrades_refused_origin_total",
+            "Upgrades refused for an Origin outside the allow-list.",
+            u(&self.upgrades_refused_origin),
         );
 
         header(

@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::header::ORIGIN;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -27,6 +28,46 @@ const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Outgoing bytes buffered before a write reaches the socket; batches are flushed explicitly.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
+/// The `Origin` allow-list (Phoenix's `check_origin`): exact origins, bare hosts, or anything.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedOrigins {
+    any: bool,
+    exact: Vec<String>,
+    hosts: Vec<String>,
+}
+
+impl AllowedOrigins {
+    /// Builds the list from validated configuration entries; an empty list allows any origin.
+    pub fn new(entries: &[String]) -> Self {
+        let mut list = Self {
+            any: entries.is_empty(),
+            ..Self::default()
+        };
+        for entry in entries.iter().map(|e| e.to_ascii_lowercase()) {
+            if entry == "*" {
+                list.any = true;
+            } else if entry.contains("://") {
+                list.exact.push(entry);
+            } else {
+                list.hosts.push(entry);
+            }
+        }
+        list
+    }
+
+    pub fn allows(&self, origin: &str) -> bool {
+        if self.any {
+            return true;
+        }
+        let origin = origin.to_ascii_lowercase();
+        let host = origin
+            .split_once("://")
+            .map(|(_, rest)| rest.rsplit_once(':').map_or(rest, |(host, _)| host));
+        self.exact.contains(&origin)
+            || host.is_some_and(|host| self.hosts.iter().any(|h| h == host))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct ConnectParams {
     vsn: Option<String>,
@@ -36,10 +77,24 @@ pub struct ConnectParams {
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
     Query(params): Query<ConnectParams>,
+    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if state.shutdown.is_cancelled() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    if let Some(origin) = headers.get(ORIGIN) {
+        let allowed = origin
+            .to_str()
+            .is_ok_and(|origin| state.origins.allows(origin));
+        if !allowed {
+            state
+                .metrics
+                .upgrades_refused_origin
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(origin = ?origin, "socket refused: origin not allowed");
+            return StatusCode::FORBIDDEN.into_response();
+        }
     }
     let vsn_ok = params
         .vsn
@@ -76,4 +131,24 @@ pub async fn upgrade(
             let sessions = state.sessions.clone();
             sessions.track_future(session::run(socket, state, principal))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AllowedOrigins;
+
+    #[test]
+    fn origins_match_exactly_or_by_host() {
+        let list =
+            AllowedOrigins::new(&["https://forum.example".to_owned(), "localhost".to_owned()]);
+        assert!(list.allows("https://forum.example"));
+        assert!(list.allows("HTTPS://Forum.Example"));
+        assert!(list.allows("http://localhost:8080"));
+        assert!(!list.allows("http://forum.example"));
+        assert!(!list.allows("https://forum.example.evil"));
+        assert!(!list.allows("https://evil.example"));
+        assert!(!list.allows("null"));
+        assert!(AllowedOrigins::new(&[]).allows("https://anything"));
+        assert!(AllowedOrigins::new(&["*".to_owned()]).allows("null"));
+    }
 }

@@ -104,3 +104,43 @@ async fn tokens_never_appear_in_logs() {
         assert!(!logs.contains(secret), "a secret leaked into the logs");
     }
 }
+
+#[tokio::test]
+async fn origins_outside_the_allow_list_get_403() {
+    let nats = Nats::start();
+    let gw = Gateway::start_with(
+        &nats.url,
+        GatewayOptions::default().env(
+            "EPOCH_GATEWAY__HTTP__ALLOWED_ORIGINS",
+            "https://forum.example,localhost",
+        ),
+    )
+    .await;
+    assert_eq!(
+        gw.upgrade_status("vsn=2.0.0").await,
+        101,
+        "no Origin header: accepted"
+    );
+    assert_eq!(gw.upgrade_status_from("https://forum.example").await, 101);
+    assert_eq!(gw.upgrade_status_from("http://localhost:5173").await, 101);
+    for origin in [
+        "https://evil.example",
+        "http://forum.example",
+        "https://forum.example.evil",
+        "null",
+    ] {
+        assert_eq!(gw.upgrade_status_from(origin).await, 403, "{origin}");
+    }
+    assert_eq!(
+        gw.metric("epoch_gateway_upgrades_refused_origin_total")
+            .await,
+        4.0
+    );
+
+    // Without a list (development), any origin is accepted.
+    let open = Gateway::start(&nats.url).await;
+    assert_eq!(
+        open.upgrade_status_from("https://anywhere.example").await,
+        101
+    );
+}

@@ -96,7 +96,19 @@ fn a_config_file_is_layered_under_the_environment() {
 
 #[test]
 fn bad_configuration_names_the_key_and_the_problem() {
-    let cases: [(&[(&str, &str)], &str); 6] = [
+    let production = [
+        ("EPOCH_GATEWAY__ENVIRONMENT", "production"),
+        ("EPOCH_GATEWAY__AUTH__SECRET", "s3cret"),
+    ];
+    let cases: [(&[(&str, &str)], &str); 8] = [
+        (&production, "EPOCH_GATEWAY__HTTP__ALLOWED_ORIGINS"),
+        (
+            &[(
+                "EPOCH_GATEWAY__HTTP__ALLOWED_ORIGINS",
+                "https://x.example/path",
+            )],
+            "http.allowed_origins",
+        ),
         (
             &[("EPOCH_GATEWAY__HTTP__LISTEN", "not an address")],
             "http.listen",
@@ -127,4 +139,17 @@ fn bad_configuration_names_the_key_and_the_problem() {
         assert_ne!(code, 0, "{env:?}");
         assert!(err.contains(expected), "{env:?}: {err}");
     }
+    // Secrets are taken verbatim, never parsed as numbers.
+    let (code, out, _) = run(
+        &["token", "--user", "1"],
+        &[("EPOCH_GATEWAY__AUTH__SECRET", "0123")],
+    );
+    assert_eq!(code, 0);
+    let key = jsonwebtoken::DecodingKey::from_secret(b"0123");
+    let validation = {
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS512);
+        v.validate_aud = false;
+        v
+    };
+    assert!(jsonwebtoken::decode::<serde_json::Value>(out.trim(), &key, &validation).is_ok());
 }

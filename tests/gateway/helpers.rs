@@ -286,6 +286,20 @@ impl Gateway {
         }
     }
 
+    /// Status of an upgrade attempt that sends an `Origin` header.
+    pub async fn upgrade_status_from(&self, origin: &str) -> u16 {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = self.socket_url("vsn=2.0.0").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+        match tokio_tungstenite::connect_async(request).await {
+            Ok(_) => 101,
+            Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+            Err(other) => panic!("unexpected upgrade error: {other}"),
+        }
+    }
+
     pub async fn publish(&self, nats: &async_nats::Client, suffix: &str, body: &str) {
         nats.publish(
             format!("{}.user.{suffix}", self.prefix),
