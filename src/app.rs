@@ -30,6 +30,7 @@ use crate::config::Settings;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
+use crate::presence::service;
 use crate::presence::store::{self, BucketSpec, StoreError};
 use crate::ws;
 
@@ -273,7 +274,7 @@ async fn run_presence(
             tracing::warn!(nats = %urls, waited_secs = waited.as_secs(), "NATS not reachable yet; retrying");
         }
     }
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(client.clone());
     let spec = BucketSpec {
         bucket: settings.presence.bucket.clone(),
         replicas: settings.presence.replicas,
@@ -302,6 +303,18 @@ async fn run_presence(
     };
     state.bucket_ready.store(true, Ordering::Relaxed);
     tracing::info!(bucket = %spec.bucket, "presence bucket open");
+    let service = tokio::spawn({
+        let (prefix, node) = (
+            settings.nats.subject_prefix.clone(),
+            settings.node_id().to_owned(),
+        );
+        let (presence, stop) = (Arc::clone(&state.presence), stop.clone());
+        async move {
+            if let Err(error) = service::serve(client, &prefix, &node, presence, stop).await {
+                tracing::error!(%error, "presence service could not start");
+            }
+        }
+    });
     let watcher = tokio::spawn(store::watch_records(
         Arc::clone(&state.presence),
         bucket,
@@ -311,11 +324,11 @@ async fn run_presence(
     let writer = store::Writer {
         presence: Arc::clone(&state.presence),
         js,
-        bucket: spec.bucket,
+        spec,
         ttl: settings.presence_ttl(),
         metrics: Arc::clone(&state.metrics),
         reconnects: health.reconnects(),
     };
     writer.run(stop).await;
-    let _ = watcher.await;
+    let _ = tokio::join!(watcher, service);
 }

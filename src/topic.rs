@@ -19,6 +19,20 @@ impl UserId {
         self.0
     }
 
+    /// A user id as clients and services send it in JSON: a number or a string of digits, which name the
+    /// same user (`42` and `"42"`; `"042"` too, as the number it spells).
+    pub fn from_json(value: &serde_json::Value) -> Option<Self> {
+        match value {
+            serde_json::Value::Number(n) => n.as_u64().map(Self),
+            serde_json::Value::String(s)
+                if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                s.parse().ok().map(Self)
+            }
+            _ => None,
+        }
+    }
+
     /// Parses the canonical decimal form: digits only, no sign, no leading zero (except `0` itself).
     pub fn parse(text: &str) -> Option<Self> {
         let canonical = !text.is_empty()
@@ -122,6 +136,23 @@ mod tests {
             "99999999999999999999",
         ] {
             assert_eq!(UserId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_user_ids_are_numbers_or_digit_strings() {
+        use serde_json::json;
+        assert_eq!(UserId::from_json(&json!(5)), Some(UserId::new(5)));
+        assert_eq!(UserId::from_json(&json!("5")), Some(UserId::new(5)));
+        for bad in [
+            json!(-1),
+            json!(1.5),
+            json!("5a"),
+            json!(""),
+            json!(null),
+            json!([5]),
+        ] {
+            assert_eq!(UserId::from_json(&bad), None, "{bad}");
         }
     }
 

@@ -6,6 +6,7 @@
 //! records of other instances back in. `is_online` is answered from memory: this instance's own count is
 //! authoritative for its own users (no wait for the KV round trip), the watched view for everyone else.
 
+pub mod service;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -26,7 +27,25 @@ pub struct Presence {
     dirty: Mutex<HashSet<UserId>>,
     dirty_notify: Notify,
     /// Other instances holding a record per user, from the KV watch.
-    remote: RwLock<HashMap<UserId, Vec<Arc<str>>>>,
+    remote: RwLock<RemoteView>,
+}
+
+/// Per user, the other instances that hold a record for them.
+pub type RemoteView = HashMap<UserId, Vec<Arc<str>>>;
+
+/// Applies one record (or its removal) to `view`.
+fn apply_record(view: &mut RemoteView, user: UserId, node: &str, present: bool) {
+    if present {
+        let nodes = view.entry(user).or_default();
+        if !nodes.iter().any(|n| &**n == node) {
+            nodes.push(node.into());
+        }
+    } else if let Some(nodes) = view.get_mut(&user) {
+        nodes.retain(|n| &**n != node);
+        if nodes.is_empty() {
+            view.remove(&user);
+        }
+    }
 }
 
 impl Presence {
@@ -114,25 +133,21 @@ impl Presence {
     /// Records that `node` holds (or no longer holds) a record for `user`. This instance's own records are
     /// ignored: its local count already answers for them.
     fn record_remote(&self, user: UserId, node: &str, present: bool) {
-        if node == &*self.node {
-            return;
-        }
-        let mut remote = write(&self.remote);
-        if present {
-            let nodes = remote.entry(user).or_default();
-            if !nodes.iter().any(|n| &**n == node) {
-                nodes.push(node.into());
-            }
-        } else if let Some(nodes) = remote.get_mut(&user) {
-            nodes.retain(|n| &**n != node);
-            if nodes.is_empty() {
-                remote.remove(&user);
-            }
+        if node != &*self.node {
+            apply_record(&mut write(&self.remote), user, node, present);
         }
     }
 
-    fn clear_remote(&self) {
-        write(&self.remote).clear();
+    /// Records into a view being rebuilt, with the same rule as [`Self::record_remote`].
+    fn record_into(&self, view: &mut RemoteView, user: UserId, node: &str, present: bool) {
+        if node != &*self.node {
+            apply_record(view, user, node, present);
+        }
+    }
+
+    /// Swaps in a view rebuilt from the bucket, in one step: no query sees a half-built view.
+    fn replace_remote(&self, view: RemoteView) {
+        *write(&self.remote) = view;
     }
 }
 

@@ -18,7 +18,7 @@ use futures::future::join_all;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::Presence;
+use super::{Presence, RemoteView};
 use crate::metrics::Metrics;
 use crate::topic::UserId;
 
@@ -30,6 +30,8 @@ const REFRESHES_PER_TTL: u32 = 3;
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Pause before re-opening a watch that failed.
 const REWATCH_DELAY: Duration = Duration::from_millis(500);
+/// Longest wait for a rebuilt view to catch up with the bucket before it is used anyway.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(2);
 
 /// Why the presence bucket could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +150,9 @@ pub fn parse_record_key(key: &str) -> Option<(UserId, &str)> {
 pub struct Writer {
     pub presence: Arc<Presence>,
     pub js: jetstream::Context,
-    pub bucket: String,
+    /// Reopened (and recreated when missing) after a reconnect or a failed write: a NATS server that
+    /// restarted with an empty store has lost the bucket.
+    pub spec: BucketSpec,
     pub ttl: Duration,
     pub metrics: Arc<Metrics>,
     pub reconnects: watch::Receiver<u64>,
@@ -160,6 +164,7 @@ impl Writer {
         let mut refresh = tokio::time::interval(self.ttl / REFRESHES_PER_TTL);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut held: HashSet<UserId> = HashSet::new();
+        let mut reopen = false;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -168,12 +173,20 @@ impl Writer {
                 changed = self.reconnects.changed() => {
                     if changed.is_ok() {
                         tracing::info!("NATS reconnected: re-asserting presence records");
+                        reopen = true;
                         self.presence.mark_dirty(self.presence.local_users());
                     }
                 }
             }
+            if reopen {
+                match open_bucket(&self.js, &self.spec).await {
+                    Ok(_) => reopen = false,
+                    Err(error) => tracing::warn!(%error, "presence bucket not available"),
+                }
+            }
             let dirty = self.presence.take_dirty();
             if !self.write(dirty, &mut held).await {
+                reopen = true;
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = tokio::time::sleep(RETRY_DELAY) => {}
@@ -206,7 +219,7 @@ impl Writer {
             let online = self.presence.is_local(user);
             let subject = format!(
                 "$KV.{}.{}",
-                self.bucket,
+                self.spec.bucket,
                 record_key(user, self.presence.node())
             );
             let headers = if online {
@@ -274,7 +287,8 @@ fn purge_headers() -> HeaderMap {
 }
 
 /// Keeps [`Presence`]'s view of other instances' records current, rebuilding it from the bucket after a
-/// reconnect or a broken watch.
+/// reconnect or a broken watch. A rebuild collects the bucket's current records aside and swaps them in
+/// once caught up, so users do not flicker offline while it runs.
 pub async fn watch_records(
     presence: Arc<Presence>,
     store: kv::Store,
@@ -282,8 +296,17 @@ pub async fn watch_records(
     stop: CancellationToken,
 ) {
     loop {
-        let mut records = match store.watch_with_history(">").await {
-            Ok(records) => records,
+        let opened = async {
+            Ok::<_, String>((
+                store.status().await.map_err(|e| e.to_string())?.values(),
+                store
+                    .watch_with_history(">")
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ))
+        };
+        let (existing, mut records) = match opened.await {
+            Ok(opened) => opened,
             Err(error) => {
                 tracing::warn!(%error, "presence watch could not start; retrying");
                 tokio::select! {
@@ -292,7 +315,15 @@ pub async fn watch_records(
                 }
             }
         };
-        presence.clear_remote();
+        // `Some` while the bucket's existing records are still arriving.
+        let mut rebuilding = if existing == 0 {
+            presence.replace_remote(RemoteView::new());
+            None
+        } else {
+            Some(RemoteView::new())
+        };
+        let catch_up = tokio::time::sleep(CATCH_UP_LIMIT);
+        tokio::pin!(catch_up);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -302,8 +333,27 @@ pub async fn watch_records(
                     }
                     break;
                 }
+                // Records can expire between the count and the watch; do not wait for them forever.
+                () = &mut catch_up, if rebuilding.is_some() => {
+                    presence.replace_remote(rebuilding.take().unwrap_or_default());
+                }
                 entry = records.next() => match entry {
-                    Some(Ok(entry)) => apply(&presence, &entry),
+                    Some(Ok(entry)) => {
+                        let Some((user, node)) = parse_record_key(&entry.key) else {
+                            tracing::debug!(key = %entry.key, "ignoring foreign presence key");
+                            continue;
+                        };
+                        let present = matches!(entry.operation, kv::Operation::Put);
+                        match rebuilding.as_mut() {
+                            Some(view) => {
+                                presence.record_into(view, user, node, present);
+                                if entry.delta == 0 {
+                                    presence.replace_remote(rebuilding.take().unwrap_or_default());
+                                }
+                            }
+                            None => presence.record_remote(user, node, present),
+                        }
+                    }
                     Some(Err(error)) => {
                         tracing::warn!(%error, "presence watch failed; rebuilding");
                         break;
@@ -313,15 +363,6 @@ pub async fn watch_records(
             }
         }
     }
-}
-
-fn apply(presence: &Presence, entry: &kv::Entry) {
-    let Some((user, node)) = parse_record_key(&entry.key) else {
-        tracing::debug!(key = %entry.key, "ignoring foreign presence key");
-        return;
-    };
-    let present = matches!(entry.operation, kv::Operation::Put);
-    presence.record_remote(user, node, present);
 }
 
 #[cfg(test)]

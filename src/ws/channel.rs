@@ -182,7 +182,7 @@ impl Channels {
         let Some(id) = payload.get("user_id") else {
             return error(join_ref, msg_ref, topic, REASON_INVALID_USER_ID);
         };
-        let Some(user) = user_id_of(id) else {
+        let Some(user) = UserId::from_json(id) else {
             return error(join_ref, msg_ref, topic, REASON_INVALID_USER_ID);
         };
         let online = self.presence.is_online(user);
@@ -215,21 +215,9 @@ fn error(join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, reason: &st
     protocol::reply(join_ref, msg_ref, topic, Status::Error, &Reason { reason })
 }
 
-/// A user id sent as a JSON number or as a string of digits; both name the same user.
-fn user_id_of(value: &Value) -> Option<UserId> {
-    match value {
-        Value::Number(n) => n.as_u64().map(UserId::new),
-        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse().ok().map(UserId::new)
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
     use tokio::sync::mpsc;
     use tokio_util::sync::CancellationToken;
 
@@ -260,22 +248,6 @@ mod tests {
             .iter()
             .map(|f| f.as_str().to_owned())
             .collect()
-    }
-
-    #[test]
-    fn user_ids_as_numbers_or_digit_strings() {
-        assert_eq!(user_id_of(&json!(5)), Some(UserId::new(5)));
-        assert_eq!(user_id_of(&json!("5")), Some(UserId::new(5)));
-        for bad in [
-            json!(-1),
-            json!(1.5),
-            json!("5a"),
-            json!(""),
-            json!(null),
-            json!([5]),
-        ] {
-            assert_eq!(user_id_of(&bad), None, "{bad}");
-        }
     }
 
     #[test]

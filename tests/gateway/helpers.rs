@@ -100,6 +100,78 @@ impl Nats {
     }
 }
 
+/// A 3-node JetStream cluster started from `nats/cluster/node-{a,b,c}.conf`, on fresh loopback ports.
+pub struct Cluster {
+    nodes: Vec<Child>,
+    pub urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let conf_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("nats/cluster");
+        let nodes = ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                Command::new(nats_server_bin())
+                    .arg("-c")
+                    .arg(conf_dir.join(format!("node-{name}.conf")))
+                    .args(["-p", &clients[i].to_string()])
+                    .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                    .args(["--routes", &route_list])
+                    .arg("-sd")
+                    .arg(dir.path().join(name))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("nats-server starts")
+            })
+            .collect();
+        let urls = clients
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let cluster = Self {
+            nodes,
+            urls,
+            _dir: dir,
+        };
+        for port in clients {
+            let deadline = Instant::now() + WAIT;
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster node on {port} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        cluster
+    }
+
+    pub fn kill(&mut self, node: usize) {
+        let _ = self.nodes[node].kill();
+        let _ = self.nodes[node].wait();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in 0..self.nodes.len() {
+            self.kill(node);
+        }
+    }
+}
+
 impl Drop for Nats {
     fn drop(&mut self) {
         self.kill();
@@ -109,6 +181,8 @@ impl Drop for Nats {
 pub struct GatewayOptions {
     pub env: Vec<(String, String)>,
     pub wait_ready: bool,
+    /// Subject prefix and bucket shared with other gateways of the same test; fresh ones when `None`.
+    pub shared: Option<(String, String)>,
 }
 
 impl Default for GatewayOptions {
@@ -116,11 +190,20 @@ impl Default for GatewayOptions {
         Self {
             env: Vec::new(),
             wait_ready: true,
+            shared: None,
         }
     }
 }
 
 impl GatewayOptions {
+    /// Options for gateways of one cluster: same prefix, same bucket.
+    pub fn cluster(prefix: &str, bucket: &str) -> Self {
+        Self {
+            shared: Some((prefix.to_owned(), bucket.to_owned())),
+            ..Self::default()
+        }
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
         self
@@ -146,8 +229,10 @@ impl Gateway {
     }
 
     pub async fn start_with(nats_url: &str, options: GatewayOptions) -> Self {
-        let prefix = unique("t");
-        let bucket = unique("presence_");
+        let (prefix, bucket) = options
+            .shared
+            .clone()
+            .unwrap_or_else(|| (unique("t"), unique("presence_")));
         let node = unique("node-");
         let mut command = Command::new(gateway_bin());
         command

@@ -6,6 +6,7 @@
 mod auth;
 mod channels;
 mod cli;
+mod cluster;
 mod helpers;
 mod ingress;
 mod lifecycle;
