@@ -21,17 +21,19 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{any, get};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::broker::{self, NatsHealth};
 use crate::config::Settings;
-use crate::hub::Hub;
+use crate::hub::{Hub, Kick};
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::presence::service;
 use crate::presence::store::{self, BucketSpec, StoreError};
+use crate::revocation::{self, Revocations};
 use crate::ws;
 
 /// How often a "still waiting for NATS" line is logged while NATS is unreachable.
@@ -47,6 +49,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_message_bytes: usize,
     pub outbound_queue: usize,
+    /// Close an authenticated socket when its token expires.
+    pub close_on_expiry: bool,
 }
 
 /// What every request handler and session shares.
@@ -55,6 +59,7 @@ pub struct AppState {
     pub auth: Authenticator,
     pub hub: Arc<Hub>,
     pub presence: Arc<Presence>,
+    pub revocations: Arc<Revocations>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub origins: ws::AllowedOrigins,
@@ -86,6 +91,7 @@ pub struct Application {
     state: Arc<AppState>,
     client: Client,
     health: Arc<NatsHealth>,
+    revoked: mpsc::UnboundedReceiver<(String, u64)>,
 }
 
 impl Application {
@@ -104,8 +110,10 @@ impl Application {
         )
         .await
         .context("invalid NATS configuration")?;
+        let (revocations, revoked) = Revocations::new();
         let state = Arc::new(AppState {
             auth,
+            revocations,
             hub: Arc::new(Hub::new()),
             presence: Presence::new(settings.node_id()),
             metrics,
@@ -113,6 +121,7 @@ impl Application {
                 idle_timeout: settings.idle_timeout(),
                 max_message_bytes: settings.ws.max_message_bytes,
                 outbound_queue: settings.ws.outbound_queue,
+                close_on_expiry: settings.auth.close_on_expiry,
             },
             origins: ws::AllowedOrigins::new(&settings.http.allowed_origins),
             shutdown: CancellationToken::new(),
@@ -126,6 +135,7 @@ impl Application {
             state,
             client,
             health,
+            revoked,
         })
     }
 
@@ -146,6 +156,7 @@ impl Application {
             state,
             client,
             health,
+            revoked,
         } = self;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, node = settings.node_id(), "listening on {addr}");
@@ -154,6 +165,7 @@ impl Application {
             .with_graceful_shutdown(state.shutdown.clone().cancelled_owned());
         let server = tokio::spawn(server.into_future());
 
+        let on_logout = logout_hook(Arc::clone(&state));
         let ingress_stop = CancellationToken::new();
         let ingress = tokio::spawn({
             let (client, hub, metrics) = (
@@ -166,7 +178,7 @@ impl Application {
             let stop = ingress_stop.clone();
             async move {
                 if let Err(error) =
-                    broker::run_ingress(client, prefix, max, hub, metrics, stop).await
+                    broker::run_ingress(client, prefix, max, hub, metrics, on_logout, stop).await
                 {
                     tracing::error!(%error, "NATS ingress subscription failed");
                 }
@@ -182,6 +194,14 @@ impl Application {
             Arc::clone(&health),
             presence_stop.clone(),
             Arc::clone(&fatal),
+        ));
+
+        let revocations = tokio::spawn(run_revocations(
+            client.clone(),
+            settings.auth.revoked_bucket.clone(),
+            Arc::clone(&state.revocations),
+            revoked,
+            presence_stop.clone(),
         ));
 
         tokio::select! {
@@ -205,6 +225,7 @@ impl Application {
         if tokio::time::timeout(grace, presence).await.is_err() {
             tracing::warn!("presence records not removed in time; they will expire by TTL");
         }
+        let _ = revocations.await;
         ingress_stop.cancel();
         let _ = ingress.await;
         match tokio::time::timeout(DRAIN_TIMEOUT, client.drain()).await {
@@ -222,6 +243,50 @@ impl Application {
             None => Ok(()),
         }
     }
+}
+
+/// What a `logout {token}` event does after its delivery: close this instance's sockets of that token
+/// and refuse the token cluster-wide until it expires.
+fn logout_hook(state: Arc<AppState>) -> broker::LogoutHook {
+    Arc::new(move |user, token| match state.auth.identify(token) {
+        Ok(principal) if principal.user_id == user => {
+            let closed = state.hub.close_token(user, &principal.jti, Kick::Revoked);
+            state
+                .revocations
+                .revoke(&principal.jti, principal.expires_at);
+            tracing::info!(%user, closed, "logout: token revoked");
+        }
+        Ok(_) => tracing::warn!(%user, "logout names a token of another user; ignored"),
+        Err(error) => tracing::warn!(%user, %error, "logout token not recognised; nothing revoked"),
+    })
+}
+
+/// Waits for NATS, opens the revocation bucket, then records revocations and follows the bucket.
+async fn run_revocations(
+    client: Client,
+    bucket: String,
+    revocations: Arc<Revocations>,
+    pending: mpsc::UnboundedReceiver<(String, u64)>,
+    stop: CancellationToken,
+) {
+    let js = async_nats::jetstream::new(client);
+    let mut delay = Duration::from_millis(200);
+    let store = loop {
+        match revocation::open_bucket(&js, &bucket).await {
+            Ok(store) => break store,
+            Err(error) => {
+                tracing::debug!(%error, %bucket, "revocation bucket not available yet; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(MAX_BUCKET_RETRY_DELAY);
+            }
+        }
+    };
+    let watcher = tokio::spawn(revocation::watch_records(revocations, store, stop.clone()));
+    revocation::write_records(js, bucket, pending, stop).await;
+    let _ = watcher.await;
 }
 
 fn router(state: Arc<AppState>) -> Router {

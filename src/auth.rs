@@ -43,6 +43,8 @@ pub enum AuthError {
     MissingClaim(&'static str),
     #[error("token subject is not a user id")]
     BadSubject,
+    #[error("token was revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -56,6 +58,7 @@ impl AuthError {
             Self::NotYetValid => "not_yet_valid",
             Self::MissingClaim(_) => "missing_claim",
             Self::BadSubject => "bad_subject",
+            Self::Revoked => "revoked",
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct Authenticator {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
+    /// For tokens named in `logout` events: the signature counts, the time does not.
+    any_time: Validation,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -104,18 +109,34 @@ impl Authenticator {
         // Guardian does not check the audience of socket tokens.
         validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp"]);
+        let mut any_time = validation.clone();
+        any_time.validate_exp = false;
+        any_time.validate_nbf = false;
         Self {
             algorithm,
             decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             validation,
+            any_time,
         }
+    }
+
+    /// Identifies a token signed with this secret, expired or not (to revoke it).
+    ///
+    /// # Errors
+    /// [`AuthError`] when the token is not one of this secret and algorithm.
+    pub fn identify(&self, token: &str) -> Result<Principal, AuthError> {
+        self.check(token, &self.any_time)
     }
 
     /// # Errors
     /// [`AuthError`] when the token is not a valid, current token of this secret and algorithm.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
-        let data = jsonwebtoken::decode::<VerifiedClaims>(token, &self.decoding, &self.validation)
+        self.check(token, &self.validation)
+    }
+
+    fn check(&self, token: &str, validation: &Validation) -> Result<Principal, AuthError> {
+        let data = jsonwebtoken::decode::<VerifiedClaims>(token, &self.decoding, validation)
             .map_err(|err| match err.kind() {
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
@@ -243,6 +264,24 @@ mod tests {
         for (token, expected) in cases {
             assert_eq!(auth.verify(&token), Err(expected));
         }
+    }
+
+    #[test]
+    fn identifies_expired_tokens_of_this_secret_only() {
+        let auth = authenticator();
+        let expired = sign(
+            &serde_json::json!({"sub": "7", "jti": "j", "exp": unix_now() - 10}),
+            Algorithm::HS512,
+            "test secret",
+        );
+        assert_eq!(auth.verify(&expired), Err(AuthError::Expired));
+        assert_eq!(auth.identify(&expired).unwrap().jti, "j");
+        let foreign = sign(
+            &serde_json::json!({"sub": "7", "jti": "j", "exp": 1}),
+            Algorithm::HS512,
+            "x",
+        );
+        assert_eq!(auth.identify(&foreign), Err(AuthError::BadSignature));
     }
 
     #[test]

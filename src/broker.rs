@@ -16,10 +16,10 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::Hub;
+use crate::hub::{Hub, Kick};
 use crate::metrics::{IngressDrop, Metrics};
 use crate::protocol::{self, RESERVED_EVENT_PREFIX};
-use crate::topic::Topic;
+use crate::topic::{Topic, UserId};
 
 /// At most one log line per interval about dropped ingress messages; the rest are counted.
 pub const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -108,11 +108,29 @@ struct Envelope<'a> {
     payload: Option<&'a RawValue>,
 }
 
+/// Event on `<prefix>.user.<id>` that closes all of that user's sockets instead of reaching them.
+pub const EVENT_DISCONNECT: &str = "disconnect";
+/// Event on `<prefix>.user.<id>` that is delivered, then revokes the token in its payload.
+pub const EVENT_LOGOUT: &str = "logout";
+
+/// What an ingress message asks of the gateway besides delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Close every socket of the user (not delivered).
+    Disconnect(UserId),
+    /// After delivery, close the sockets of this token and refuse it from now on.
+    Logout { user: UserId, token: String },
+}
+
+/// Called for a `logout` after its delivery, with the user and the token to revoke.
+pub type LogoutHook = Arc<dyn Fn(UserId, &str) + Send + Sync>;
+
 /// A checked ingress message, ready to fan out.
 #[derive(Debug)]
 pub struct Broadcast {
     pub topic: Topic,
     pub frame: protocol::Frame,
+    pub control: Option<Control>,
 }
 
 /// Checks and encodes one ingress message.
@@ -150,9 +168,24 @@ pub fn decode(
         Some(raw) if raw.get().starts_with('{') => raw,
         Some(_) => return Err(IngressDrop::BadPayload),
     };
+    let control = match (topic, event) {
+        (Topic::User(user), EVENT_DISCONNECT) => Some(Control::Disconnect(user)),
+        (Topic::User(user), EVENT_LOGOUT) => {
+            #[derive(Deserialize)]
+            struct Logout {
+                token: Option<String>,
+            }
+            serde_json::from_str::<Logout>(payload.get())
+                .ok()
+                .and_then(|logout| logout.token)
+                .map(|token| Control::Logout { user, token })
+        }
+        _ => None,
+    };
     Ok(Broadcast {
         topic,
         frame: protocol::broadcast(&topic.to_string(), event, payload),
+        control,
     })
 }
 
@@ -194,6 +227,7 @@ pub async fn run_ingress(
     max_bytes: usize,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    on_logout: LogoutHook,
     stop: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
     let mut messages = client.subscribe(format!("{subject_prefix}.user.*")).await?;
@@ -210,10 +244,11 @@ pub async fn run_ingress(
             },
         };
         metrics.nats_messages.fetch_add(1, Ordering::Relaxed);
-        // Skip the decode when nobody here listens, but only for well-formed subjects: a bad subject
-        // is always counted as such.
+        // Skip the decode when nobody here listens, but only for well-formed subjects (a bad subject is
+        // always counted as such) and never on user subjects, which carry `disconnect` and `logout`: those
+        // act on sessions that joined no topic.
         let listening = subject_topic(&subject_prefix, &message.subject)
-            .is_none_or(|topic| hub.has_subscribers(topic));
+            .is_none_or(|topic| matches!(topic, Topic::User(_)) || hub.has_subscribers(topic));
         if !listening {
             metrics.ingress_drop(IngressDrop::NoSubscribers);
             continue;
@@ -224,10 +259,20 @@ pub async fn run_ingress(
             &message.payload,
             max_bytes,
         ) {
+            Ok(Broadcast {
+                control: Some(Control::Disconnect(user)),
+                ..
+            }) => {
+                let closed = hub.close_user(user, Kick::Disconnected);
+                tracing::info!(%user, closed, "disconnect: closing the user's sockets");
+            }
             Ok(broadcast) => {
                 let delivery = hub.publish(broadcast.topic, &broadcast.frame);
                 if delivery.overflowed > 0 {
                     tracing::debug!(topic = %broadcast.topic, slow = delivery.overflowed, "slow consumers dropped");
+                }
+                if let Some(Control::Logout { user, token }) = &broadcast.control {
+                    on_logout(*user, token);
                 }
             }
             Err(reason) => {
@@ -290,6 +335,42 @@ mod tests {
             b.frame.as_str(),
             r#"[null,null,"user:role","permissionsChanged",{}]"#
         );
+    }
+
+    #[test]
+    fn user_subjects_carry_control_events() {
+        let b = decode("epoch", "epoch.user.9", br#"{"event":"disconnect"}"#, MAX).unwrap();
+        assert_eq!(b.control, Some(Control::Disconnect(UserId::new(9))));
+        let b = decode(
+            "epoch",
+            "epoch.user.9",
+            br#"{"event":"logout","payload":{"token":"t"}}"#,
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(
+            b.control,
+            Some(Control::Logout {
+                user: UserId::new(9),
+                token: "t".to_owned()
+            })
+        );
+        let b = decode(
+            "epoch",
+            "epoch.user.public",
+            br#"{"event":"disconnect"}"#,
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(b.control, None);
+        let b = decode(
+            "epoch",
+            "epoch.user.9",
+            br#"{"event":"logout","payload":{}}"#,
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(b.control, None);
     }
 
     #[test]

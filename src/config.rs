@@ -101,6 +101,10 @@ pub struct AuthSettings {
     pub secret: Option<Secret>,
     /// `HS256`, `HS384` or `HS512`; the only algorithm a token may use.
     pub algorithm: String,
+    /// Close an authenticated socket when its token expires (never downgrade it to anonymous).
+    pub close_on_expiry: bool,
+    /// JetStream KV bucket of revoked token ids (`jti`), each kept until the token would have expired.
+    pub revoked_bucket: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -171,6 +175,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("nats.subject_prefix", "epoch"),
     ("nats.max_message_bytes", "65536"),
     ("auth.algorithm", "HS512"),
+    ("auth.close_on_expiry", "true"),
+    ("auth.revoked_bucket", "epoch_revoked"),
     ("presence.bucket", "epoch_presence"),
     ("presence.ttl_secs", "30"),
     ("presence.replicas", "1"),
@@ -250,6 +256,12 @@ impl Settings {
             return Err(invalid(
                 "nats.subject_prefix",
                 "must be dot-separated tokens of letters, digits, '-' and '_'",
+            ));
+        }
+        if !is_key_token(&self.auth.revoked_bucket) {
+            return Err(invalid(
+                "auth.revoked_bucket",
+                "must be letters, digits, '-' and '_' only",
             ));
         }
         if !is_key_token(&self.presence.bucket) {

@@ -1,12 +1,14 @@
-//! Local fan-out: which sockets of this instance are joined to which topic.
+//! Local fan-out: which sockets of this instance are joined to which topic, and which authenticated
+//! sessions belong to which user and token.
 //!
 //! Ingress hands the hub one encoded [`Frame`] per NATS message; the hub offers a clone (a reference-count
 //! bump) to the bounded queue of every subscribed socket. A socket whose queue is full is not waited for:
-//! it is marked as a slow consumer (its [`Outbound::overflow`] token is cancelled) and its session closes
-//! it. The hub knows neither NATS nor sockets.
+//! its [`Closer`] is triggered with [`Kick::SlowConsumer`] and its session closes it. The same handle
+//! closes every socket of a user (`disconnect`) or of one token (`logout`). The hub knows neither NATS
+//! nor sockets.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -17,18 +19,66 @@ use crate::topic::{Topic, UserId};
 /// Identifies one socket for its whole life on this instance.
 pub type ConnId = u64;
 
+/// Why a socket is closed from outside its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Its outbound queue overflowed.
+    SlowConsumer,
+    /// Its token was revoked (a `logout` for that token).
+    Revoked,
+    /// A `disconnect` for its user.
+    Disconnected,
+}
+
+/// Lets anyone ask one session to close its socket; the first reason given wins.
+#[derive(Debug, Clone, Default)]
+pub struct Closer {
+    token: CancellationToken,
+    kick: Arc<OnceLock<Kick>>,
+}
+
+impl Closer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Returns whether this call was the first to close the socket.
+    pub fn close(&self, kick: Kick) -> bool {
+        let first = self.kick.set(kick).is_ok();
+        self.token.cancel();
+        first
+    }
+
+    /// Resolves once [`Self::close`] was called, with the first reason.
+    pub async fn closed(&self) -> Kick {
+        self.token.cancelled().await;
+        // `close` sets the reason before it cancels the token.
+        *self
+            .kick
+            .get()
+            .expect("a reason is set before the token is cancelled")
+    }
+}
+
 /// The sending side of one socket's outbound queue.
 #[derive(Debug, Clone)]
 pub struct Outbound {
     tx: mpsc::Sender<Frame>,
-    /// Cancelled when the queue overflows; the session then closes the socket.
-    overflow: CancellationToken,
+    closer: Closer,
 }
 
 impl Outbound {
-    pub fn new(tx: mpsc::Sender<Frame>, overflow: CancellationToken) -> Self {
-        Self { tx, overflow }
+    pub fn new(tx: mpsc::Sender<Frame>, closer: Closer) -> Self {
+        Self { tx, closer }
     }
+}
+
+/// An authenticated session, as `disconnect` and `logout` find it.
+#[derive(Debug)]
+struct Session {
+    conn: ConnId,
+    jti: Arc<str>,
+    closer: Closer,
 }
 
 /// What happened to one published frame.
@@ -46,6 +96,8 @@ struct Subscribers {
     role: HashMap<ConnId, Outbound>,
     /// A user has a handful of sockets (tabs, devices); a short list beats a map per user.
     users: HashMap<UserId, Vec<(ConnId, Outbound)>>,
+    /// Every authenticated session by user, joined to any topic or none.
+    sessions: HashMap<UserId, Vec<Session>>,
 }
 
 /// Topic → subscribed sockets. Cheap to share behind an `Arc`.
@@ -115,8 +167,7 @@ impl Hub {
         let mut offer = |outbound: &Outbound| match outbound.tx.try_send(frame.clone()) {
             Ok(()) => delivery.queued += 1,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if !outbound.overflow.is_cancelled() {
-                    outbound.overflow.cancel();
+                if outbound.closer.close(Kick::SlowConsumer) {
                     delivery.overflowed += 1;
                 }
             }
@@ -133,6 +184,49 @@ impl Hub {
             }
         }
         delivery
+    }
+
+    /// Makes an authenticated session reachable by [`Self::close_user`] and [`Self::close_token`].
+    pub fn register_session(&self, user: UserId, conn: ConnId, jti: &str, closer: Closer) {
+        self.write()
+            .sessions
+            .entry(user)
+            .or_default()
+            .push(Session {
+                conn,
+                jti: jti.into(),
+                closer,
+            });
+    }
+
+    pub fn unregister_session(&self, user: UserId, conn: ConnId) {
+        let mut subs = self.write();
+        if let Some(list) = subs.sessions.get_mut(&user) {
+            list.retain(|session| session.conn != conn);
+            if list.is_empty() {
+                subs.sessions.remove(&user);
+            }
+        }
+    }
+
+    /// Closes every session of `user`; returns how many.
+    pub fn close_user(&self, user: UserId, kick: Kick) -> usize {
+        self.close_where(user, kick, |_| true)
+    }
+
+    /// Closes the sessions of `user` that authenticated with the token `jti`; returns how many.
+    pub fn close_token(&self, user: UserId, jti: &str, kick: Kick) -> usize {
+        self.close_where(user, kick, |session| &*session.jti == jti)
+    }
+
+    fn close_where(&self, user: UserId, kick: Kick, matches: impl Fn(&Session) -> bool) -> usize {
+        let subs = self.read();
+        subs.sessions.get(&user).map_or(0, |list| {
+            list.iter()
+                .filter(|session| matches(session))
+                .filter(|session| session.closer.close(kick))
+                .count()
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Subscribers> {
@@ -154,10 +248,27 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn socket(capacity: usize) -> (Outbound, mpsc::Receiver<Frame>, CancellationToken) {
+    #[test]
+    fn sessions_close_by_user_or_by_token() {
+        let hub = Hub::new();
+        let (a, b, c) = (Closer::new(), Closer::new(), Closer::new());
+        let user = UserId::new(3);
+        hub.register_session(user, 1, "jti-1", a.clone());
+        hub.register_session(user, 2, "jti-2", b.clone());
+        hub.register_session(UserId::new(4), 3, "jti-1", c.clone());
+        assert_eq!(hub.close_token(user, "jti-1", Kick::Revoked), 1);
+        assert!(a.token.is_cancelled() && !b.token.is_cancelled() && !c.token.is_cancelled());
+        hub.unregister_session(user, 1);
+        assert_eq!(hub.close_user(user, Kick::Disconnected), 1);
+        assert_eq!(b.kick.get(), Some(&Kick::Disconnected));
+        // Closing twice counts once.
+        assert_eq!(hub.close_user(user, Kick::Disconnected), 0);
+    }
+
+    fn socket(capacity: usize) -> (Outbound, mpsc::Receiver<Frame>, Closer) {
         let (tx, rx) = mpsc::channel(capacity);
-        let overflow = CancellationToken::new();
-        (Outbound::new(tx, overflow.clone()), rx, overflow)
+        let closer = Closer::new();
+        (Outbound::new(tx, closer.clone()), rx, closer)
     }
 
     #[test]
@@ -201,8 +312,9 @@ mod tests {
                 overflowed: 1
             }
         );
-        assert!(slow_overflow.is_cancelled());
-        assert!(!fast_overflow.is_cancelled());
+        assert!(slow_overflow.token.is_cancelled());
+        assert_eq!(slow_overflow.kick.get(), Some(&Kick::SlowConsumer));
+        assert!(!fast_overflow.token.is_cancelled());
         assert!(fast_rx.try_recv().is_ok() && fast_rx.try_recv().is_ok());
     }
 }

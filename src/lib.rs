@@ -21,6 +21,7 @@
 //! - [`hub`]: local fan-out with a bounded queue per socket; knows neither NATS nor sockets.
 //! - [`broker`]: the NATS connection and ingress (where a NATS message becomes a frame).
 //! - [`presence`]: who is online; [`presence::store`] keeps the KV records and the watch.
+//! - [`revocation`]: revoked token ids in a KV bucket, followed by a watch; `logout` writes them.
 //! - [`ws`]: the upgrade handler, the per-socket session, and the channel logic.
 //! - [`app`]: wiring, HTTP routes (`/healthz`, `/readyz`, `/metrics`) and ordered shutdown.
 //! - [`metrics`], [`telemetry`]: Prometheus text and structured logs.
@@ -33,6 +34,7 @@ pub mod hub;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
+pub mod revocation;
 pub mod telemetry;
 pub mod topic;
 pub mod ws;

@@ -39,7 +39,7 @@ impl IngressDrop {
     }
 }
 
-const AUTH_REASONS: [&str; 7] = [
+const AUTH_REASONS: [&str; 8] = [
     "malformed",
     "bad_signature",
     "wrong_algorithm",
@@ -47,6 +47,7 @@ const AUTH_REASONS: [&str; 7] = [
     "not_yet_valid",
     "missing_claim",
     "bad_subject",
+    "revoked",
 ];
 
 const TOPIC_KINDS: [&str; 3] = ["public", "role", "user"];

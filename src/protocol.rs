@@ -186,6 +186,13 @@ pub mod close_code {
     pub const IDLE_TIMEOUT: u16 = 4000;
     /// The socket's outbound queue overflowed: the client does not read fast enough.
     pub const SLOW_CONSUMER: u16 = 4001;
+    /// The token the socket authenticated with has expired. Reconnecting with it is refused (403):
+    /// the client needs a new token.
+    pub const TOKEN_EXPIRED: u16 = 4401;
+    /// The token was revoked (logout). Reconnecting with it is refused (403).
+    pub const TOKEN_REVOKED: u16 = 4402;
+    /// The backend disconnected the user (a ban, for example).
+    pub const DISCONNECTED: u16 = 4403;
 }
 
 #[cfg(test)]

@@ -218,8 +218,8 @@ fn error(join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, reason: &st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Closer;
     use tokio::sync::mpsc;
-    use tokio_util::sync::CancellationToken;
 
     fn channels(user: Option<u64>) -> (Channels, Arc<Hub>, Arc<Presence>) {
         let hub = Arc::new(Hub::new());
@@ -233,7 +233,7 @@ mod tests {
         let channels = Channels::new(
             1,
             principal,
-            Outbound::new(tx, CancellationToken::new()),
+            Outbound::new(tx, Closer::new()),
             Arc::clone(&hub),
             Arc::clone(&presence),
             Arc::new(Metrics::new()),

@@ -109,7 +109,13 @@ pub async fn upgrade(
     }
     let principal = match params.token.as_deref() {
         None => None,
-        Some(token) => match state.auth.verify(token) {
+        Some(token) => match state.auth.verify(token).and_then(|principal| {
+            if state.revocations.is_revoked(&principal.jti) {
+                Err(crate::auth::AuthError::Revoked)
+            } else {
+                Ok(principal)
+            }
+        }) {
             Ok(principal) => Some(principal),
             Err(error) => {
                 state.metrics.auth_failure(error.label());

@@ -1,9 +1,10 @@
 //! One WebSocket connection from upgrade to close: a single task that owns the socket.
 //!
-//! It waits on five things: shutdown, its own slow-consumer signal, the idle deadline, the outbound queue
-//! (broadcasts from the hub) and the next client frame. Queued frames are written in batches with one
-//! flush; replies to client frames are written right away. Every exit path drops [`Channels`], which
-//! unsubscribes the socket and releases its presence.
+//! It waits on: shutdown, its [`Closer`] (slow consumer, logout, disconnect), the idle deadline, the token's
+//! expiry, the outbound queue (broadcasts from the hub) and the next client frame. Queued frames are
+//! written in batches with one flush; replies to client frames are written right away. A socket closed for
+//! a logout or a disconnect first gets what was queued for it (the `logout` event itself). Every exit path
+//! drops [`Channels`] and the hub registration, which unsubscribes the socket and releases its presence.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,13 +14,12 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::channel::Channels;
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::hub::Outbound;
+use crate::hub::{Closer, Hub, Kick, Outbound};
 use crate::protocol::{self, Frame, close_code};
 
 /// Most queued frames written before one flush: large enough to amortise the syscall, small enough to
@@ -34,8 +34,21 @@ enum Step {
     Write(Frame),
     Inbound(Option<Result<Message, axum::Error>>),
     Close(u16, &'static str),
-    /// The outbound queue overflowed.
-    SlowConsumer,
+    Kicked(Kick),
+}
+
+/// Removes an authenticated session from the hub's registry however the session ends.
+struct Registration<'a> {
+    hub: &'a Hub,
+    principal: Option<(crate::topic::UserId, u64)>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if let Some((user, conn)) = self.principal {
+            self.hub.unregister_session(user, conn);
+        }
+    }
 }
 
 /// Serves one upgraded socket until it closes.
@@ -62,11 +75,26 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>, principal: Option<Prin
 async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Principal>, conn: u64) {
     tracing::debug!("socket opened");
     let (tx, mut queue) = mpsc::channel(state.limits.outbound_queue);
-    let overflow = CancellationToken::new();
+    let closer = Closer::new();
+    if let Some(principal) = &principal {
+        state
+            .hub
+            .register_session(principal.user_id, conn, &principal.jti, closer.clone());
+    }
+    let _registration = Registration {
+        hub: &state.hub,
+        principal: principal.as_ref().map(|p| (p.user_id, conn)),
+    };
+    let expires_in = principal
+        .as_ref()
+        .filter(|_| state.limits.close_on_expiry)
+        .map(|p| Duration::from_secs(p.expires_at.saturating_sub(crate::auth::unix_now())));
+    let expiry = tokio::time::sleep(expires_in.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(expiry);
     let mut channels = Channels::new(
         conn,
         principal,
-        Outbound::new(tx, overflow.clone()),
+        Outbound::new(tx, closer.clone()),
         Arc::clone(&state.hub),
         Arc::clone(&state.presence),
         Arc::clone(&state.metrics),
@@ -79,8 +107,9 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
         let step = tokio::select! {
             biased;
             () = state.shutdown.cancelled() => Step::Close(close_code::GOING_AWAY, "server shutting down"),
-            () = overflow.cancelled() => Step::SlowConsumer,
+            kick = closer.closed() => Step::Kicked(kick),
             () = &mut idle => Step::Close(close_code::IDLE_TIMEOUT, "idle timeout"),
+            () = &mut expiry, if expires_in.is_some() => Step::Close(close_code::TOKEN_EXPIRED, "token expired"),
             // `Channels` holds a sender for as long as this loop runs, so the queue never ends here.
             Some(frame) = queue.recv() => Step::Write(frame),
             message = socket.next() => Step::Inbound(message),
@@ -89,7 +118,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
             Step::Write(first) => {
                 let written = tokio::select! {
                     result = timeout(WRITE_TIMEOUT, write_batch(&mut socket, first, &mut queue)) => result,
-                    () = overflow.cancelled() => break "slow consumer",
+                    _ = closer.closed() => continue,
                 };
                 match written {
                     Ok(Ok(count)) => {
@@ -167,13 +196,29 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                 close(&mut socket, code, reason).await;
                 break reason;
             }
-            Step::SlowConsumer => break "slow consumer",
+            Step::Kicked(Kick::SlowConsumer) => {
+                state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                close(&mut socket, close_code::SLOW_CONSUMER, "slow consumer").await;
+                break "slow consumer";
+            }
+            Step::Kicked(kick) => {
+                // Deliver what is already queued (the `logout` event itself) before closing.
+                while let Ok(frame) = queue.try_recv() {
+                    let flushed =
+                        timeout(CLOSE_TIMEOUT, write_batch(&mut socket, frame, &mut queue)).await;
+                    if !matches!(flushed, Ok(Ok(_))) {
+                        break;
+                    }
+                }
+                let (code, reason) = match kick {
+                    Kick::Revoked => (close_code::TOKEN_REVOKED, "token revoked"),
+                    _ => (close_code::DISCONNECTED, "disconnected by the server"),
+                };
+                close(&mut socket, code, reason).await;
+                break reason;
+            }
         }
     };
-    if reason == "slow consumer" {
-        state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-        close(&mut socket, close_code::SLOW_CONSUMER, "slow consumer").await;
-    }
     drop(channels);
     tracing::debug!(reason, "socket closed");
 }

@@ -12,3 +12,4 @@ mod ingress;
 mod lifecycle;
 mod phoenix_js;
 mod presence;
+mod sessions;
