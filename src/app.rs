@@ -21,7 +21,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{any, get};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,6 +29,7 @@ use crate::auth::Authenticator;
 use crate::broker::{self, NatsHealth};
 use crate::config::Settings;
 use crate::hub::{Hub, Kick};
+use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::presence::service;
@@ -51,6 +52,9 @@ pub struct Limits {
     pub outbound_queue: usize,
     /// Close an authenticated socket when its token expires.
     pub close_on_expiry: bool,
+    pub max_topics: usize,
+    pub max_pushes_per_sec: u32,
+    pub first_frame_timeout: Duration,
 }
 
 /// What every request handler and session shares.
@@ -63,6 +67,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub origins: ws::AllowedOrigins,
+    /// One permit per open socket, held by its session.
+    pub connections: Arc<Semaphore>,
+    /// New sockets per second.
+    pub new_connections: Mutex<TokenBucket>,
     /// Cancelled when the instance starts shutting down.
     pub shutdown: CancellationToken,
     /// Every live session, so shutdown can wait for them (axum does not track upgraded connections).
@@ -122,7 +130,15 @@ impl Application {
                 max_message_bytes: settings.ws.max_message_bytes,
                 outbound_queue: settings.ws.outbound_queue,
                 close_on_expiry: settings.auth.close_on_expiry,
+                max_topics: settings.ws.max_topics,
+                max_pushes_per_sec: settings.ws.max_pushes_per_sec,
+                first_frame_timeout: Duration::from_secs(settings.ws.first_frame_timeout_secs),
             },
+            connections: Arc::new(Semaphore::new(settings.ws.max_connections)),
+            new_connections: Mutex::new(TokenBucket::new(
+                settings.ws.max_new_connections_per_sec,
+                settings.ws.max_new_connections_per_sec.saturating_mul(2),
+            )),
             origins: ws::AllowedOrigins::new(&settings.http.allowed_origins),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),

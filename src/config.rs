@@ -130,6 +130,17 @@ pub struct WsSettings {
     pub max_message_bytes: usize,
     /// Frames queued for one socket before it counts as a slow consumer and is closed.
     pub outbound_queue: usize,
+    /// Sockets open at once on this instance; beyond it, upgrades get 503.
+    pub max_connections: usize,
+    /// New sockets accepted per second on this instance (bursts of twice that); beyond it, 503.
+    pub max_new_connections_per_sec: u32,
+    /// Topics one socket may have joined at once.
+    pub max_topics: usize,
+    /// Client frames per second per socket (bursts of twice that). Frames over the budget get an error
+    /// reply; a socket that keeps going for another second's worth is closed (1008).
+    pub max_pushes_per_sec: u32,
+    /// A socket that sends no frame at all within this time is closed (4000).
+    pub first_frame_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -183,6 +194,11 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("ws.idle_timeout_secs", "60"),
     ("ws.max_message_bytes", "65536"),
     ("ws.outbound_queue", "1024"),
+    ("ws.max_connections", "50000"),
+    ("ws.max_new_connections_per_sec", "5000"),
+    ("ws.max_topics", "16"),
+    ("ws.max_pushes_per_sec", "50"),
+    ("ws.first_frame_timeout_secs", "40"),
     ("shutdown.grace_secs", "10"),
     ("log.format", "text"),
     ("log.level", "info"),
@@ -297,6 +313,26 @@ impl Settings {
         }
         if self.ws.max_message_bytes < 1024 {
             return Err(invalid("ws.max_message_bytes", "must be at least 1024"));
+        }
+        for (key, value) in [
+            ("ws.max_connections", self.ws.max_connections as u64),
+            (
+                "ws.max_new_connections_per_sec",
+                u64::from(self.ws.max_new_connections_per_sec),
+            ),
+            ("ws.max_topics", self.ws.max_topics as u64),
+            (
+                "ws.max_pushes_per_sec",
+                u64::from(self.ws.max_pushes_per_sec),
+            ),
+            (
+                "ws.first_frame_timeout_secs",
+                self.ws.first_frame_timeout_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         if self.ws.outbound_queue == 0 {
             return Err(invalid("ws.outbound_queue", "must be at least 1"));

@@ -24,6 +24,7 @@
 //! - [`revocation`]: revoked token ids in a KV bucket, followed by a watch; `logout` writes them.
 //! - [`ws`]: the upgrade handler, the per-socket session, and the channel logic.
 //! - [`app`]: wiring, HTTP routes (`/healthz`, `/readyz`, `/metrics`) and ordered shutdown.
+//! - [`limits`]: the token bucket behind the connection and push rate limits.
 //! - [`metrics`], [`telemetry`]: Prometheus text and structured logs.
 
 pub mod app;
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;

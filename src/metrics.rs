@@ -59,6 +59,8 @@ pub struct Metrics {
     pub connections_opened: AtomicU64,
     pub upgrades_refused_vsn: AtomicU64,
     pub upgrades_refused_origin: AtomicU64,
+    pub upgrades_refused_limit: AtomicU64,
+    pub pushes_rate_limited: AtomicU64,
     auth_failures: [AtomicU64; AUTH_REASONS.len()],
     joins: [AtomicU64; TOPIC_KINDS.len()],
     pub joins_refused: AtomicU64,
@@ -154,6 +156,18 @@ impl Metrics {
             "epoch_gateway_upgrades_refused_origin_total",
             "Upgrades refused for an Origin outside the allow-list.",
             u(&self.upgrades_refused_origin),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_upgrades_refused_limit_total",
+            "Upgrades refused by the connection limit or the new-connection rate (503).",
+            u(&self.upgrades_refused_limit),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_pushes_rate_limited_total",
+            "Client frames refused by the per-socket rate limit.",
+            u(&self.pushes_rate_limited),
         );
 
         header(

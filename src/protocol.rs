@@ -180,9 +180,12 @@ pub mod close_code {
     pub const UNSUPPORTED_DATA: u16 = 1003;
     /// A text frame that is not a Phoenix V2 message.
     pub const INVALID_FRAME: u16 = 1007;
+    /// The client kept sending over its rate limit after error replies.
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// A message over `ws.max_message_bytes`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// No frame arrived within the idle timeout (phoenix.js heartbeats every 30 s).
+    /// No frame arrived within the idle timeout (phoenix.js heartbeats every 30 s), or no first frame
+    /// within the first-frame timeout.
     pub const IDLE_TIMEOUT: u16 = 4000;
     /// The socket's outbound queue overflowed: the client does not read fast enough.
     pub const SLOW_CONSUMER: u16 = 4001;

@@ -25,6 +25,8 @@ use crate::topic::{Route, Topic, UserId};
 pub const EVENT_IS_ONLINE: &str = "is_online";
 pub const REASON_UNMATCHED_TOPIC: &str = "unmatched topic";
 pub const REASON_UNKNOWN_EVENT: &str = "unknown event";
+pub const REASON_TOO_MANY_TOPICS: &str = "too many topics joined";
+pub const REASON_RATE_LIMITED: &str = "rate limited";
 pub const REASON_INVALID_USER_ID: &str =
     "invalid user_id: expected a user id as a number or a numeric string";
 
@@ -43,6 +45,7 @@ struct Joined {
 #[derive(Debug)]
 pub struct Channels {
     conn: ConnId,
+    max_topics: usize,
     principal: Option<Principal>,
     outbound: Outbound,
     joined: Vec<Joined>,
@@ -60,6 +63,7 @@ struct OnlineResponse<'a> {
 impl Channels {
     pub fn new(
         conn: ConnId,
+        max_topics: usize,
         principal: Option<Principal>,
         outbound: Outbound,
         hub: Arc<Hub>,
@@ -68,6 +72,7 @@ impl Channels {
     ) -> Self {
         Self {
             conn,
+            max_topics,
             principal,
             outbound,
             joined: Vec::new(),
@@ -138,7 +143,20 @@ impl Channels {
         }
     }
 
+    /// The error reply to a frame refused by the socket's rate limit.
+    pub fn rate_limited(frame: &ClientFrame) -> Frame {
+        error(
+            frame.join_ref.as_deref(),
+            frame.msg_ref.as_deref(),
+            &frame.topic,
+            REASON_RATE_LIMITED,
+        )
+    }
+
     fn join(&mut self, join_ref: Option<String>, msg_ref: Option<&str>, name: String) -> Frame {
+        if self.joined.len() >= self.max_topics {
+            return error(join_ref.as_deref(), msg_ref, &name, REASON_TOO_MANY_TOPICS);
+        }
         let user = self.principal.as_ref().map(|p| p.user_id);
         let topic = match (Route::of(&name), user) {
             (Route::Unmatched, _) => return error(None, msg_ref, &name, REASON_UNMATCHED_TOPIC),
@@ -232,6 +250,7 @@ mod tests {
         });
         let channels = Channels::new(
             1,
+            16,
             principal,
             Outbound::new(tx, Closer::new()),
             Arc::clone(&hub),

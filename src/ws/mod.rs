@@ -83,6 +83,27 @@ pub async fn upgrade(
     if state.shutdown.is_cancelled() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
+    // Cheap limits first: they protect the token check too.
+    let within_rate = state
+        .new_connections
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .try_take();
+    if !within_rate {
+        state
+            .metrics
+            .upgrades_refused_limit
+            .fetch_add(1, Ordering::Relaxed);
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
+        state
+            .metrics
+            .upgrades_refused_limit
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("socket refused: connection limit reached");
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
     if let Some(origin) = headers.get(ORIGIN) {
         let allowed = origin
             .to_str()
@@ -135,7 +156,8 @@ pub async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let sessions = state.sessions.clone();
-            sessions.track_future(session::run(socket, state, principal))
+            // The permit is released when the session ends.
+            sessions.track_future(session::run(socket, state, principal, permit))
         })
 }
 

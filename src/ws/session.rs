@@ -20,6 +20,7 @@ use super::channel::Channels;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::hub::{Closer, Hub, Kick, Outbound};
+use crate::limits::TokenBucket;
 use crate::protocol::{self, Frame, close_code};
 
 /// Most queued frames written before one flush: large enough to amortise the syscall, small enough to
@@ -52,7 +53,12 @@ impl Drop for Registration<'_> {
 }
 
 /// Serves one upgraded socket until it closes.
-pub async fn run(socket: WebSocket, state: Arc<AppState>, principal: Option<Principal>) {
+pub async fn run(
+    socket: WebSocket,
+    state: Arc<AppState>,
+    principal: Option<Principal>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let conn = state.next_conn_id();
     let user = principal.as_ref().map(|p| p.user_id.get());
     let span = tracing::info_span!("socket", node = %state.presence.node(), conn, user);
@@ -93,6 +99,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
     tokio::pin!(expiry);
     let mut channels = Channels::new(
         conn,
+        state.limits.max_topics,
         principal,
         Outbound::new(tx, closer.clone()),
         Arc::clone(&state.hub),
@@ -100,8 +107,12 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
         Arc::clone(&state.metrics),
     );
     let idle_timeout = state.limits.idle_timeout;
-    let idle = tokio::time::sleep(idle_timeout);
+    let idle = tokio::time::sleep(state.limits.first_frame_timeout.min(idle_timeout));
     tokio::pin!(idle);
+    let per_sec = state.limits.max_pushes_per_sec;
+    let mut pushes = TokenBucket::new(per_sec, per_sec.saturating_mul(2));
+    // Frames refused since the budget ran out; a second's worth more closes the socket.
+    let mut refused: u32 = 0;
 
     let reason = loop {
         let step = tokio::select! {
@@ -150,7 +161,30 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                 idle.as_mut().reset(Instant::now() + idle_timeout);
                 match message {
                     Message::Text(text) => match protocol::decode(text.as_str()) {
+                        Ok(frame) if !pushes.try_take() => {
+                            state
+                                .metrics
+                                .pushes_rate_limited
+                                .fetch_add(1, Ordering::Relaxed);
+                            refused += 1;
+                            if refused > per_sec {
+                                close(
+                                    &mut socket,
+                                    close_code::POLICY_VIOLATION,
+                                    "too many messages",
+                                )
+                                .await;
+                                break "too many messages";
+                            }
+                            if write_all(&mut socket, vec![Channels::rate_limited(&frame)])
+                                .await
+                                .is_err()
+                            {
+                                break "write failed";
+                            }
+                        }
                         Ok(frame) => {
+                            refused = 0;
                             let replies = channels.handle(frame);
                             let count = replies.len() as u64;
                             if write_all(&mut socket, replies).await.is_err() {
@@ -251,11 +285,21 @@ async fn write_all(socket: &mut WebSocket, frames: Vec<Frame>) -> Result<(), axu
         .unwrap_or_else(|_| Err(axum::Error::new("write timed out")))
 }
 
-/// Sends a close frame; a client that does not take it in time is dropped anyway.
+/// Sends a close frame and waits (briefly) for the client's: dropping the connection at once could reset
+/// it before the client has read the close code. A client that does not answer in time is dropped anyway.
 async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
     let frame = CloseFrame {
         code,
         reason: reason.into(),
     };
-    let _ = timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+    let handshake = async {
+        socket.send(Message::Close(Some(frame))).await?;
+        while let Some(message) = socket.next().await {
+            if matches!(message?, Message::Close(_)) {
+                break;
+            }
+        }
+        Ok::<_, axum::Error>(())
+    };
+    let _ = timeout(CLOSE_TIMEOUT, handshake).await;
 }

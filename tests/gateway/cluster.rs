@@ -34,7 +34,8 @@ impl Observer {
             .expect("an is_online answer")
     }
 
-    /// Polls until `user` is `online`; returns how long it took.
+    /// Polls until `user` is `online`; returns how long it took. Polls stay under the default push
+    /// rate limit (50/s per socket).
     async fn wait_until(&mut self, user: u64, online: bool, within: Duration) -> Duration {
         let started = Instant::now();
         while self.online(user).await != online {
@@ -42,7 +43,7 @@ impl Observer {
                 started.elapsed() < within,
                 "user {user} not online={online} within {within:?}"
             );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
         }
         started.elapsed()
     }

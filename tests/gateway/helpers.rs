@@ -499,6 +499,11 @@ impl PhxClient {
         self.ws.send(Message::text(text)).await.unwrap();
     }
 
+    /// Sends without panicking; false once the server has closed the socket.
+    pub async fn try_send(&mut self, frame: Value) -> bool {
+        self.ws.send(Message::text(frame.to_string())).await.is_ok()
+    }
+
     pub async fn send_raw(&mut self, message: Message) {
         self.ws.send(message).await.unwrap();
     }

@@ -10,6 +10,7 @@ mod cluster;
 mod helpers;
 mod ingress;
 mod lifecycle;
+mod limits;
 mod phoenix_js;
 mod presence;
 mod sessions;
