@@ -14,3 +14,4 @@ mod limits;
 mod phoenix_js;
 mod presence;
 mod sessions;
+mod slow;
