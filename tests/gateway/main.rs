@@ -8,6 +8,7 @@ mod channels;
 mod cli;
 mod cluster;
 mod helpers;
+mod hostile;
 mod ingress;
 mod lifecycle;
 mod limits;

@@ -28,8 +28,12 @@ async fn a_stalled_client_is_closed_and_the_others_get_every_message_in_order() 
         let subject = format!("{}.user.public", gw.prefix);
         async move {
             for seq in 0..MESSAGES {
-                let body = json!({"event": "announcement", "payload": {"seq": seq, "pad": padding}});
-                publisher.publish(subject.clone(), body.to_string().into()).await.unwrap();
+                let body =
+                    json!({"event": "announcement", "payload": {"seq": seq, "pad": padding}});
+                publisher
+                    .publish(subject.clone(), body.to_string().into())
+                    .await
+                    .unwrap();
             }
             publisher.flush().await.unwrap();
         }
@@ -50,11 +54,18 @@ async fn a_stalled_client_is_closed_and_the_others_get_every_message_in_order() 
     // buffered and then the close frame with its code.
     let deadline = Instant::now() + Duration::from_secs(20);
     while gw.metric("epoch_gateway_slow_consumer_closes_total").await < 1.0 {
-        assert!(Instant::now() < deadline, "the stalled client was never cut off");
+        assert!(
+            Instant::now() < deadline,
+            "the stalled client was never cut off"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let code = loop {
-        match stalled.next_within(Duration::from_secs(10)).await.expect("close arrives") {
+        match stalled
+            .next_within(Duration::from_secs(10))
+            .await
+            .expect("close arrives")
+        {
             Next::Frame(_) => continue,
             Next::Closed(code) => break code,
         }
@@ -66,6 +77,10 @@ async fn a_stalled_client_is_closed_and_the_others_get_every_message_in_order() 
     }
     publishing.await.unwrap();
     let elapsed = started.elapsed();
-    assert_eq!(gw.metric("epoch_gateway_slow_consumer_closes_total").await, 1.0, "only the stalled one");
+    assert_eq!(
+        gw.metric("epoch_gateway_slow_consumer_closes_total").await,
+        1.0,
+        "only the stalled one"
+    );
     eprintln!("3 readers received {MESSAGES} messages each in {elapsed:?}");
 }
