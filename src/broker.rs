@@ -433,3 +433,37 @@ mod tests {
         }
     }
 }
+
+/// Property tests (the fuzz target of the NATS envelope parser): `make fuzz` runs them with many more cases.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fuzz_envelope_never_panics_and_only_emits_valid_frames(
+            subject in prop_oneof![Just("epoch.user.public".to_owned()), Just("epoch.user.role".to_owned()), "epoch\\.user\\.[0-9a-z]{0,22}"],
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            if let Ok(broadcast) = decode("epoch", &subject, &body, 1024) {
+                let frame: serde_json::Value = serde_json::from_str(broadcast.frame.as_str()).unwrap();
+                prop_assert!(frame[0].is_null() && frame[1].is_null());
+                prop_assert!(frame[4].is_object());
+            }
+        }
+
+        #[test]
+        fn fuzz_envelope_accepts_every_valid_event(
+            event in "[A-Za-z][A-Za-z0-9_]{0,60}",
+            value in ".{0,100}",
+        ) {
+            prop_assume!(!event.starts_with(RESERVED_EVENT_PREFIX));
+            let body = serde_json::json!({"event": event, "payload": {"v": value}}).to_string();
+            let broadcast = decode("epoch", "epoch.user.public", body.as_bytes(), 1024).unwrap();
+            let frame: serde_json::Value = serde_json::from_str(broadcast.frame.as_str()).unwrap();
+            prop_assert_eq!(&frame[3], &serde_json::json!(event));
+            prop_assert_eq!(&frame[4]["v"], &serde_json::json!(value));
+        }
+    }
+}

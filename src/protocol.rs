@@ -285,3 +285,50 @@ mod tests {
         );
     }
 }
+
+/// Property tests (the fuzz target of the frame decoder): `make fuzz` runs them with many more cases.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fuzz_decode_never_panics(text in ".{0,512}") {
+            let _ = decode(&text);
+        }
+
+        #[test]
+        fn fuzz_decode_never_panics_on_json_shapes(
+            items in proptest::collection::vec(
+                prop_oneof![
+                    Just(Value::Null),
+                    any::<bool>().prop_map(Value::Bool),
+                    any::<i64>().prop_map(Value::from),
+                    ".{0,300}".prop_map(Value::String),
+                    Just(serde_json::json!({})),
+                    Just(serde_json::json!([])),
+                ],
+                0..8,
+            )
+        ) {
+            let text = Value::Array(items).to_string();
+            let _ = decode(&text);
+        }
+
+        #[test]
+        fn fuzz_valid_frames_round_trip(
+            join_ref in proptest::option::of("[0-9]{1,10}"),
+            msg_ref in proptest::option::of("[0-9]{1,10}"),
+            topic in "[a-z:0-9]{1,40}",
+            event in "[a-z_]{1,40}",
+        ) {
+            let text = serde_json::json!([join_ref, msg_ref, topic, event, {"k": 1}]).to_string();
+            let frame = decode(&text).unwrap();
+            prop_assert_eq!(frame.join_ref, join_ref);
+            prop_assert_eq!(frame.msg_ref, msg_ref);
+            prop_assert_eq!(frame.topic, topic);
+            prop_assert_eq!(frame.event, event);
+        }
+    }
+}
