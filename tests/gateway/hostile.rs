@@ -21,10 +21,8 @@ enum Outcome {
 fn frames() -> Vec<(&'static str, Message, Outcome)> {
     let text = |s: &str| Message::text(s.to_owned());
     let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
-    let deep_payload = format!(
-        r#"["1","1","user:public","is_online",{}]"#,
-        format!("{}1{}", r#"{"a":"#.repeat(200), "}".repeat(200))
-    );
+    let nested = format!("{}1{}", r#"{"a":"#.repeat(200), "}".repeat(200));
+    let deep_payload = format!(r#"["1","1","user:public","is_online",{nested}]"#);
     vec![
         ("not JSON", text("hello"), Outcome::Close(1007)),
         ("empty text", text(""), Outcome::Close(1007)),
