@@ -71,8 +71,10 @@ pub struct AppState {
     pub connections: Arc<Semaphore>,
     /// New sockets per second.
     pub new_connections: Mutex<TokenBucket>,
-    /// Cancelled when the instance starts shutting down.
+    /// Cancelled when the instance starts shutting down: `/readyz` turns 503, upgrades get 503.
     pub shutdown: CancellationToken,
+    /// Cancelled at the end of the drain window: every socket still open closes at once.
+    pub close_all: CancellationToken,
     /// Every live session, so shutdown can wait for them (axum does not track upgraded connections).
     pub sessions: TaskTracker,
     bucket_ready: AtomicBool,
@@ -141,6 +143,7 @@ impl Application {
             )),
             origins: ws::AllowedOrigins::new(&settings.http.allowed_origins),
             shutdown: CancellationToken::new(),
+            close_all: CancellationToken::new(),
             sessions: TaskTracker::new(),
             bucket_ready: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
@@ -178,7 +181,8 @@ impl Application {
         tracing::info!(%addr, node = settings.node_id(), "listening on {addr}");
 
         let server = axum::serve(listener, router(Arc::clone(&state)))
-            .with_graceful_shutdown(state.shutdown.clone().cancelled_owned());
+            // The listener stays open through the drain, answering 503 to `/readyz` and to upgrades.
+            .with_graceful_shutdown(state.close_all.clone().cancelled_owned());
         let server = tokio::spawn(server.into_future());
 
         let on_logout = logout_hook(Arc::clone(&state));
@@ -226,6 +230,8 @@ impl Application {
         }
         let grace = settings.shutdown_grace();
         state.shutdown.cancel();
+        drain(&state, settings.drain_window()).await;
+        state.close_all.cancel();
         let _ = server.await;
         state.sessions.close();
         if tokio::time::timeout(grace, state.sessions.wait())
@@ -257,6 +263,35 @@ impl Application {
         match fatal {
             Some(error) => Err(error.into()),
             None => Ok(()),
+        }
+    }
+}
+
+/// Between drain steps. phoenix.js reconnects 10 ms after a close, without jitter: closing every socket
+/// at once would move them all to the next instance in the same instant.
+const DRAIN_STEP: Duration = Duration::from_millis(100);
+
+/// Closes this instance's sockets (1001) in even batches over `window`.
+async fn drain(state: &AppState, window: Duration) {
+    let total = state.hub.socket_count();
+    let steps = (window.as_millis() / DRAIN_STEP.as_millis()).max(1);
+    let batch = usize::try_from(steps)
+        .map_or(1, |steps| total.div_ceil(steps))
+        .max(1);
+    tracing::info!(
+        sockets = total,
+        window_ms = window.as_millis(),
+        batch,
+        "draining sockets"
+    );
+    let deadline = tokio::time::Instant::now() + window;
+    let mut ticks = tokio::time::interval(DRAIN_STEP);
+    loop {
+        ticks.tick().await;
+        state.hub.close_some(batch, Kick::ShuttingDown);
+        // Closed sockets leave the registry when their session ends.
+        if state.hub.socket_count() == 0 || tokio::time::Instant::now() >= deadline {
+            break;
         }
     }
 }

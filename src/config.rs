@@ -145,7 +145,9 @@ pub struct WsSettings {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ShutdownSettings {
-    /// Upper bound on closing sockets and removing presence after SIGTERM.
+    /// Window over which sockets are closed in even batches after SIGTERM (0: all at once).
+    pub drain_secs: u64,
+    /// After the drain, bound on waiting for sessions and on removing presence.
     pub grace_secs: u64,
 }
 
@@ -199,6 +201,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("ws.max_topics", "16"),
     ("ws.max_pushes_per_sec", "50"),
     ("ws.first_frame_timeout_secs", "40"),
+    ("shutdown.drain_secs", "5"),
     ("shutdown.grace_secs", "10"),
     ("log.format", "text"),
     ("log.level", "info"),
@@ -392,6 +395,10 @@ impl Settings {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.ws.idle_timeout_secs)
+    }
+
+    pub fn drain_window(&self) -> Duration {
+        Duration::from_secs(self.shutdown.drain_secs)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -28,6 +28,8 @@ pub enum Kick {
     Revoked,
     /// A `disconnect` for its user.
     Disconnected,
+    /// The instance is draining its sockets before it stops.
+    ShuttingDown,
 }
 
 /// Lets anyone ask one session to close its socket; the first reason given wins.
@@ -98,6 +100,8 @@ struct Subscribers {
     users: HashMap<UserId, Vec<(ConnId, Outbound)>>,
     /// Every authenticated session by user, joined to any topic or none.
     sessions: HashMap<UserId, Vec<Session>>,
+    /// Every socket, for the shutdown drain.
+    sockets: HashMap<ConnId, Closer>,
 }
 
 /// Topic → subscribed sockets. Cheap to share behind an `Arc`.
@@ -184,6 +188,31 @@ impl Hub {
             }
         }
         delivery
+    }
+
+    /// Makes a socket reachable by [`Self::close_some`].
+    pub fn register_socket(&self, conn: ConnId, closer: Closer) {
+        self.write().sockets.insert(conn, closer);
+    }
+
+    pub fn unregister_socket(&self, conn: ConnId) {
+        self.write().sockets.remove(&conn);
+    }
+
+    /// Sockets still registered.
+    pub fn socket_count(&self) -> usize {
+        self.read().sockets.len()
+    }
+
+    /// Closes up to `count` sockets that are not closing yet; returns how many it closed.
+    pub fn close_some(&self, count: usize, kick: Kick) -> usize {
+        let subs = self.read();
+        subs.sockets
+            .values()
+            .filter(|closer| !closer.token.is_cancelled())
+            .take(count)
+            .filter(|closer| closer.close(kick))
+            .count()
     }
 
     /// Makes an authenticated session reachable by [`Self::close_user`] and [`Self::close_token`].

@@ -38,16 +38,18 @@ enum Step {
     Kicked(Kick),
 }
 
-/// Removes an authenticated session from the hub's registry however the session ends.
+/// Removes a socket (and its authenticated session) from the hub's registries however the session ends.
 struct Registration<'a> {
     hub: &'a Hub,
-    principal: Option<(crate::topic::UserId, u64)>,
+    conn: u64,
+    user: Option<crate::topic::UserId>,
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        if let Some((user, conn)) = self.principal {
-            self.hub.unregister_session(user, conn);
+        self.hub.unregister_socket(self.conn);
+        if let Some(user) = self.user {
+            self.hub.unregister_session(user, self.conn);
         }
     }
 }
@@ -82,6 +84,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
     tracing::debug!("socket opened");
     let (tx, mut queue) = mpsc::channel(state.limits.outbound_queue);
     let closer = Closer::new();
+    state.hub.register_socket(conn, closer.clone());
     if let Some(principal) = &principal {
         state
             .hub
@@ -89,7 +92,8 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
     }
     let _registration = Registration {
         hub: &state.hub,
-        principal: principal.as_ref().map(|p| (p.user_id, conn)),
+        conn,
+        user: principal.as_ref().map(|p| p.user_id),
     };
     let expires_in = principal
         .as_ref()
@@ -117,7 +121,8 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
     let reason = loop {
         let step = tokio::select! {
             biased;
-            () = state.shutdown.cancelled() => Step::Close(close_code::GOING_AWAY, "server shutting down"),
+            // The drain normally closes sockets in paced batches; this closes whatever it did not reach.
+            () = state.close_all.cancelled() => Step::Close(close_code::GOING_AWAY, "server shutting down"),
             kick = closer.closed() => Step::Kicked(kick),
             () = &mut idle => Step::Close(close_code::IDLE_TIMEOUT, "idle timeout"),
             () = &mut expiry, if expires_in.is_some() => Step::Close(close_code::TOKEN_EXPIRED, "token expired"),
@@ -246,6 +251,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                 }
                 let (code, reason) = match kick {
                     Kick::Revoked => (close_code::TOKEN_REVOKED, "token revoked"),
+                    Kick::ShuttingDown => (close_code::GOING_AWAY, "server shutting down"),
                     _ => (close_code::DISCONNECTED, "disconnected by the server"),
                 };
                 close(&mut socket, code, reason).await;

@@ -79,3 +79,51 @@ async fn sigterm_closes_sockets_with_1001_removes_presence_and_exits_0() {
         "{logs}"
     );
 }
+
+#[tokio::test]
+async fn sigterm_drains_sockets_in_paced_batches_over_the_window() {
+    let nats = Nats::start();
+    let mut gw = Gateway::start_with(
+        &nats.url,
+        GatewayOptions::default().env("EPOCH_GATEWAY__SHUTDOWN__DRAIN_SECS", "2"),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut client = gw.anonymous().await;
+        client.join_ok("user:public").await;
+        clients.push(client);
+    }
+    gw.signal("TERM");
+    let started = std::time::Instant::now();
+    // Refused at once: readiness and new sockets.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(gw.http_status("/readyz").await, 503);
+    assert_eq!(gw.upgrade_status("vsn=2.0.0").await, 503);
+
+    let closes = futures::future::join_all(clients.into_iter().map(|mut client| async move {
+        let next = client.next().await;
+        (next, started.elapsed())
+    }))
+    .await;
+    let mut times: Vec<Duration> = closes
+        .iter()
+        .map(|(next, at)| {
+            assert_eq!(*next, Next::Closed(Some(1001)));
+            *at
+        })
+        .collect();
+    times.sort();
+    let (first, last) = (times[0], times[times.len() - 1]);
+    assert!(
+        last - first >= Duration::from_millis(1500),
+        "closes spread over the window: {times:?}"
+    );
+    let early = times
+        .iter()
+        .filter(|t| **t < first + Duration::from_millis(300))
+        .count();
+    assert!(early <= 5, "not all at once: {times:?}");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)).await, Some(0));
+    assert!(started.elapsed() < Duration::from_secs(6));
+}
