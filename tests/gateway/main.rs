@@ -12,6 +12,7 @@ mod hostile;
 mod ingress;
 mod lifecycle;
 mod limits;
+mod outage;
 mod phoenix_js;
 mod presence;
 mod sessions;
