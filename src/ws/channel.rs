@@ -340,6 +340,40 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_panic_in_a_session_releases_its_topics_and_presence_and_nothing_else() {
+        let (mut bystander, hub, presence) = channels(Some(8));
+        send(&mut bystander, r#"["1","1","user:public","phx_join",{}]"#);
+        let (task_hub, task_presence) = (Arc::clone(&hub), Arc::clone(&presence));
+        let session = tokio::spawn(async move {
+            let (tx, _rx) = mpsc::channel(8);
+            let principal = Principal {
+                user_id: UserId::new(7),
+                jti: "j".to_owned(),
+                expires_at: u64::MAX,
+            };
+            let mut ch = Channels::new(
+                2,
+                16,
+                Some(principal),
+                Outbound::new(tx, Closer::new()),
+                task_hub,
+                task_presence,
+                Arc::new(Metrics::new()),
+            );
+            send(&mut ch, r#"["1","1","user:public","phx_join",{}]"#);
+            send(&mut ch, r#"["2","2","user:7","phx_join",{}]"#);
+            assert!(ch.presence.is_online(UserId::new(7)));
+            panic!("a bug while serving one socket");
+        });
+        assert!(session.await.unwrap_err().is_panic());
+        assert!(!presence.is_online(UserId::new(7)));
+        assert!(!hub.has_subscribers(Topic::User(UserId::new(7))));
+        // The other socket is untouched.
+        assert!(presence.is_online(UserId::new(8)));
+        assert!(hub.has_subscribers(Topic::Public));
+    }
+
     #[test]
     fn dropping_the_socket_leaves_everything() {
         let (mut ch, hub, presence) = channels(Some(7));
