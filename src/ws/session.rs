@@ -147,17 +147,22 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
             Step::Inbound(None) => break "client went away",
             Step::Inbound(Some(Err(error))) => {
                 let error = error.into_inner();
-                let too_big = matches!(
-                    error.downcast_ref::<tungstenite::Error>(),
-                    Some(tungstenite::Error::Capacity(_))
-                );
-                if too_big {
+                let refusal = match error.downcast_ref::<tungstenite::Error>() {
+                    Some(tungstenite::Error::Capacity(_)) => {
+                        Some((close_code::MESSAGE_TOO_BIG, "message too big"))
+                    }
+                    Some(tungstenite::Error::Utf8(_)) => {
+                        Some((close_code::INVALID_FRAME, "text frame is not UTF-8"))
+                    }
+                    _ => None,
+                };
+                if let Some((code, reason)) = refusal {
                     state
                         .metrics
                         .invalid_client_frames
                         .fetch_add(1, Ordering::Relaxed);
-                    close(&mut socket, close_code::MESSAGE_TOO_BIG, "message too big").await;
-                    break "message too big";
+                    close(&mut socket, code, reason).await;
+                    break reason;
                 }
                 tracing::debug!(%error, "socket read failed");
                 break "read failed";

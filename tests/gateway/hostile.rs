@@ -273,3 +273,40 @@ async fn malformed_nats_messages_are_dropped_with_their_reason() {
         assert_eq!(counted, count, "{reason}");
     }
 }
+
+/// A text frame whose bytes are not UTF-8, written by hand: WebSocket client libraries refuse to send one.
+#[tokio::test]
+async fn a_text_frame_with_invalid_utf8_is_closed_with_1007() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = Nats::start();
+    let gw = Gateway::start(&nats.url).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let handshake = format!(
+        "GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        gw.addr
+    );
+    tcp.write_all(handshake.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    while !response.ends_with(b"\r\n\r\n") {
+        response.push(tcp.read_u8().await.unwrap());
+    }
+    assert!(
+        response.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+    // FIN + text, masked with a zero key, payload [0xff, 0xfe].
+    tcp.write_all(&[0x81, 0x82, 0, 0, 0, 0, 0xff, 0xfe])
+        .await
+        .unwrap();
+    let mut header = [0u8; 2];
+    tokio::time::timeout(WAIT, tcp.read_exact(&mut header))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(header[0], 0x88, "a close frame");
+    let mut body = vec![0u8; usize::from(header[1] & 0x7f)];
+    tcp.read_exact(&mut body).await.unwrap();
+    assert_eq!(u16::from_be_bytes([body[0], body[1]]), 1007);
+}
