@@ -54,6 +54,7 @@ pub struct Limits {
     pub close_on_expiry: bool,
     pub max_topics: usize,
     pub max_pushes_per_sec: u32,
+    pub push_burst: u32,
     pub first_frame_timeout: Duration,
 }
 
@@ -134,6 +135,7 @@ impl Application {
                 close_on_expiry: settings.auth.close_on_expiry,
                 max_topics: settings.ws.max_topics,
                 max_pushes_per_sec: settings.ws.max_pushes_per_sec,
+                push_burst: settings.ws.push_burst,
                 first_frame_timeout: Duration::from_secs(settings.ws.first_frame_timeout_secs),
             },
             connections: Arc::new(Semaphore::new(settings.ws.max_connections)),

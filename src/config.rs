@@ -136,9 +136,12 @@ pub struct WsSettings {
     pub max_new_connections_per_sec: u32,
     /// Topics one socket may have joined at once.
     pub max_topics: usize,
-    /// Client frames per second per socket (bursts of twice that). Frames over the budget get an error
-    /// reply; a socket that keeps going for another second's worth is closed (1008).
+    /// Client frames per second per socket, sustained. Frames over the budget get an error reply; a socket
+    /// that keeps going for another second's worth is closed (1008).
     pub max_pushes_per_sec: u32,
+    /// Client frames a socket may send at once. The Epochtalk client asks `is_online` for every poster on
+    /// a page in one go (up to 100 on a 100-post page), so this must cover a page.
+    pub push_burst: u32,
     /// A socket that sends no frame at all within this time is closed (4000).
     pub first_frame_timeout_secs: u64,
 }
@@ -200,6 +203,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("ws.max_new_connections_per_sec", "5000"),
     ("ws.max_topics", "16"),
     ("ws.max_pushes_per_sec", "50"),
+    ("ws.push_burst", "200"),
     ("ws.first_frame_timeout_secs", "40"),
     ("shutdown.drain_secs", "5"),
     ("shutdown.grace_secs", "10"),
@@ -328,6 +332,7 @@ impl Settings {
                 "ws.max_pushes_per_sec",
                 u64::from(self.ws.max_pushes_per_sec),
             ),
+            ("ws.push_burst", u64::from(self.ws.push_burst)),
             (
                 "ws.first_frame_timeout_secs",
                 self.ws.first_frame_timeout_secs,

@@ -114,7 +114,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
     let idle = tokio::time::sleep(state.limits.first_frame_timeout.min(idle_timeout));
     tokio::pin!(idle);
     let per_sec = state.limits.max_pushes_per_sec;
-    let mut pushes = TokenBucket::new(per_sec, per_sec.saturating_mul(2));
+    let mut pushes = TokenBucket::new(per_sec, state.limits.push_burst);
     // Frames refused since the budget ran out; a second's worth more closes the socket.
     let mut refused: u32 = 0;
 

@@ -72,7 +72,9 @@ async fn a_push_flood_gets_error_replies_then_a_close() {
     let nats = Nats::start();
     let gw = Gateway::start_with(
         &nats.url,
-        GatewayOptions::default().env("EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC", "10"),
+        GatewayOptions::default()
+            .env("EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC", "10")
+            .env("EPOCH_GATEWAY__WS__PUSH_BURST", "20"),
     )
     .await;
     let mut client = gw.anonymous().await;
@@ -129,4 +131,21 @@ async fn a_socket_that_never_speaks_is_closed_after_the_first_frame_timeout() {
         .send(json!([null, "hb", "phoenix", "heartbeat", {}]))
         .await;
     assert_eq!(talker.frame().await[1], "hb");
+}
+
+#[tokio::test]
+async fn a_page_of_is_online_queries_fits_the_default_burst() {
+    let nats = Nats::start();
+    let gw = Gateway::start(&nats.url).await;
+    let mut client = gw.anonymous().await;
+    let jr = client.join_ok("user:public").await;
+    // A 100-post page asks about every poster at once, as the Epochtalk client does; 150 to spare.
+    for user in 0..150 {
+        client
+            .send(json!([jr, format!("q{user}"), "user:public", "is_online", {"user_id": user}]))
+            .await;
+    }
+    for _ in 0..150 {
+        assert_eq!(client.frame().await[4]["status"], "ok");
+    }
 }
