@@ -129,6 +129,7 @@ pub type LogoutHook = Arc<dyn Fn(UserId, &str) + Send + Sync>;
 #[derive(Debug)]
 pub struct Broadcast {
     pub topic: Topic,
+    pub event: String,
     pub frame: protocol::Frame,
     pub control: Option<Control>,
 }
@@ -184,6 +185,7 @@ pub fn decode(
     };
     Ok(Broadcast {
         topic,
+        event: event.to_owned(),
         frame: protocol::broadcast(&topic.to_string(), event, payload),
         control,
     })
@@ -243,7 +245,19 @@ pub async fn run_ingress(
                 None => break,
             },
         };
+        let received = Instant::now();
         metrics.nats_messages.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "nats.message",
+            otel.kind = "consumer",
+            subject = %message.subject,
+            event = tracing::field::Empty,
+            topic = tracing::field::Empty,
+            sockets = tracing::field::Empty,
+            dropped = tracing::field::Empty,
+        );
+        continue_trace(&span, message.headers.as_ref());
+        let _entered = span.enter();
         // Skip the decode when nobody here listens, but only for well-formed subjects (a bad subject is
         // always counted as such) and never on user subjects, which carry `disconnect` and `logout`: those
         // act on sessions that joined no topic.
@@ -267,7 +281,18 @@ pub async fn run_ingress(
                 tracing::info!(%user, closed, "disconnect: closing the user's sockets");
             }
             Ok(broadcast) => {
-                let delivery = hub.publish(broadcast.topic, &broadcast.frame);
+                metrics.nats_event(&broadcast.event);
+                let delivery = hub.publish(broadcast.topic, &broadcast.frame, received);
+                span.record("event", broadcast.event.as_str());
+                span.record("topic", tracing::field::display(broadcast.topic));
+                span.record(
+                    "sockets",
+                    i64::try_from(delivery.queued).unwrap_or(i64::MAX),
+                );
+                span.record(
+                    "dropped",
+                    i64::try_from(delivery.overflowed).unwrap_or(i64::MAX),
+                );
                 if delivery.overflowed > 0 {
                     tracing::debug!(topic = %broadcast.topic, slow = delivery.overflowed, "slow consumers dropped");
                 }
@@ -283,6 +308,35 @@ pub async fn run_ingress(
     }
     let _ = messages.unsubscribe().await;
     Ok(())
+}
+
+/// Makes `span` a child of the publisher's span when the message carries a W3C `traceparent`.
+fn continue_trace(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let Some(headers) = headers.filter(|h| h.get(TRACEPARENT).is_some()) else {
+        return;
+    };
+    let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .extract(&NatsHeaders(headers));
+    // Fails only when the span is already closed or not recorded; nothing to continue then.
+    let _ = span.set_parent(parent);
+}
+
+/// W3C trace context header carried by NATS messages.
+const TRACEPARENT: &str = "traceparent";
+
+/// Reads OpenTelemetry propagation fields (`traceparent`, `tracestate`) from NATS headers.
+struct NatsHeaders<'a>(&'a async_nats::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for NatsHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(async_nats::HeaderValue::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name.as_ref()).collect()
+    }
 }
 
 fn subject_topic(prefix: &str, subject: &str) -> Option<Topic> {

@@ -73,6 +73,30 @@ pub struct Settings {
     pub ws: WsSettings,
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+}
+
+/// OpenTelemetry trace export (OTLP over HTTP/protobuf). Off unless an endpoint is configured here or in
+/// the standard `OTEL_EXPORTER_OTLP_ENDPOINT`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TelemetrySettings {
+    /// Base URL of the collector's OTLP/HTTP receiver, e.g. `http://otel-collector:4318`.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans; `OTEL_SERVICE_NAME`, then `epoch-gateway`, when unset.
+    pub service_name: Option<String>,
+    /// Fraction of new traces sampled (0.0-1.0); a sampled-in parent (from `traceparent`) is always followed.
+    pub sampling_ratio: f64,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: None,
+            sampling_ratio: 1.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -209,6 +233,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("shutdown.grace_secs", "10"),
     ("log.format", "text"),
     ("log.level", "info"),
+    ("telemetry.sampling_ratio", "1.0"),
 ];
 
 impl Settings {
@@ -347,6 +372,12 @@ impl Settings {
         }
         if self.nats.max_message_bytes == 0 {
             return Err(invalid("nats.max_message_bytes", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
+            return Err(invalid(
+                "telemetry.sampling_ratio",
+                "must be between 0.0 and 1.0",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", "is not a valid tracing filter"));

@@ -14,6 +14,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::Frame;
+
+/// A frame in a socket's queue, with the time its NATS message arrived (for the fan-out latency).
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub frame: Frame,
+    pub received: std::time::Instant,
+}
 use crate::topic::{Topic, UserId};
 
 /// Identifies one socket for its whole life on this instance.
@@ -65,12 +72,12 @@ impl Closer {
 /// The sending side of one socket's outbound queue.
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Queued>,
     closer: Closer,
 }
 
 impl Outbound {
-    pub fn new(tx: mpsc::Sender<Frame>, closer: Closer) -> Self {
+    pub fn new(tx: mpsc::Sender<Queued>, closer: Closer) -> Self {
         Self { tx, closer }
     }
 }
@@ -165,10 +172,13 @@ impl Hub {
     }
 
     /// Offers `frame` to every socket on `topic` without waiting for any of them.
-    pub fn publish(&self, topic: Topic, frame: &Frame) -> Delivery {
+    pub fn publish(&self, topic: Topic, frame: &Frame, received: std::time::Instant) -> Delivery {
         let subs = self.read();
         let mut delivery = Delivery::default();
-        let mut offer = |outbound: &Outbound| match outbound.tx.try_send(frame.clone()) {
+        let mut offer = |outbound: &Outbound| match outbound.tx.try_send(Queued {
+            frame: frame.clone(),
+            received,
+        }) {
             Ok(()) => delivery.queued += 1,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if outbound.closer.close(Kick::SlowConsumer) {
@@ -294,7 +304,7 @@ mod tests {
         assert_eq!(hub.close_user(user, Kick::Disconnected), 0);
     }
 
-    fn socket(capacity: usize) -> (Outbound, mpsc::Receiver<Frame>, Closer) {
+    fn socket(capacity: usize) -> (Outbound, mpsc::Receiver<Queued>, Closer) {
         let (tx, rx) = mpsc::channel(capacity);
         let closer = Closer::new();
         (Outbound::new(tx, closer.clone()), rx, closer)
@@ -311,13 +321,29 @@ mod tests {
         hub.subscribe(Topic::Public, 2, b);
 
         let frame: Frame = "x".into();
-        assert_eq!(hub.publish(Topic::Public, &frame).queued, 2);
-        assert_eq!(hub.publish(Topic::User(UserId::new(9)), &frame).queued, 1);
-        assert_eq!(hub.publish(Topic::Role, &frame).queued, 0);
-        assert_eq!(a_rx.try_recv().unwrap(), frame);
-        assert_eq!(a_rx.try_recv().unwrap(), frame);
+        assert_eq!(
+            hub.publish(Topic::Public, &frame, std::time::Instant::now())
+                .queued,
+            2
+        );
+        assert_eq!(
+            hub.publish(
+                Topic::User(UserId::new(9)),
+                &frame,
+                std::time::Instant::now()
+            )
+            .queued,
+            1
+        );
+        assert_eq!(
+            hub.publish(Topic::Role, &frame, std::time::Instant::now())
+                .queued,
+            0
+        );
+        assert_eq!(a_rx.try_recv().unwrap().frame, frame);
+        assert_eq!(a_rx.try_recv().unwrap().frame, frame);
         assert!(a_rx.try_recv().is_err());
-        assert_eq!(b_rx.try_recv().unwrap(), frame);
+        assert_eq!(b_rx.try_recv().unwrap().frame, frame);
         assert!(b_rx.try_recv().is_err());
 
         hub.unsubscribe(Topic::User(UserId::new(9)), 1);
@@ -332,8 +358,8 @@ mod tests {
         hub.subscribe(Topic::Role, 1, slow);
         hub.subscribe(Topic::Role, 2, fast);
         let frame: Frame = "x".into();
-        hub.publish(Topic::Role, &frame);
-        let second = hub.publish(Topic::Role, &frame);
+        hub.publish(Topic::Role, &frame, std::time::Instant::now());
+        let second = hub.publish(Topic::Role, &frame, std::time::Instant::now());
         assert_eq!(
             second,
             Delivery {

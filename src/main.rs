@@ -87,7 +87,10 @@ fn print_out(text: &str) -> ExitCode {
 }
 
 fn serve(settings: Settings) -> ExitCode {
-    telemetry::init(&settings.log);
+    let telemetry = telemetry::init(&settings.log, &settings.telemetry);
+    if telemetry.exporting() {
+        tracing::info!("exporting traces over OTLP");
+    }
     if settings.auth.secret.is_none() && settings.environment == Environment::Development {
         tracing::warn!(
             "NO auth.secret CONFIGURED: using the public development secret. Anyone can mint tokens. \
@@ -105,6 +108,8 @@ fn serve(settings: Settings) -> ExitCode {
         let app = Application::build(settings).await?;
         app.run_until_stopped(shutdown_signal()).await
     });
+    drop(runtime);
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

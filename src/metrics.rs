@@ -52,6 +52,70 @@ const AUTH_REASONS: [&str; 8] = [
 
 const TOPIC_KINDS: [&str; 3] = ["public", "role", "user"];
 
+/// Close codes the gateway sends, plus 0 for "the client closed or the connection dropped".
+const CLOSE_CODES: [u16; 13] = [
+    0, 1000, 1001, 1003, 1007, 1008, 1009, 4000, 4001, 4401, 4402, 4403, 1011,
+];
+
+/// Events counted by name; anything else is counted as `other` (label values stay few).
+const KNOWN_EVENTS: [&str; 7] = [
+    "announcement",
+    "permissionsChanged",
+    "reauthenticate",
+    "logout",
+    "newMessage",
+    "refreshMentions",
+    "disconnect",
+];
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// A Prometheus histogram of durations with fixed buckets, updated with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|bound| secs <= *bound) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, "histogram", help);
+        let mut cumulative = 0;
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            sample(
+                out,
+                &format!("{name}_bucket"),
+                &format!("le=\"{bound}\""),
+                cumulative,
+            );
+        }
+        let count = self.count();
+        sample(out, &format!("{name}_bucket"), "le=\"+Inf\"", count);
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        sample(out, &format!("{name}_sum"), "", sum);
+        sample(out, &format!("{name}_count"), "", count);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub connections_anonymous: AtomicI64,
@@ -70,6 +134,12 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     pub invalid_client_frames: AtomicU64,
     pub is_online_queries: AtomicU64,
+    closes: [AtomicU64; CLOSE_CODES.len()],
+    nats_by_event: [AtomicU64; KNOWN_EVENTS.len() + 1],
+    /// NATS receive → socket write, observed on the first frame of each write batch.
+    pub fanout_latency: Histogram,
+    /// `is_online` frame decoded → reply written.
+    pub is_online_latency: Histogram,
     pub nats_connected: AtomicI64,
     pub nats_reconnects: AtomicU64,
     pub presence_local_users: AtomicI64,
@@ -116,6 +186,21 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// Counts a socket closed with `code` (0: by the client, or the connection dropped).
+    pub fn close(&self, code: u16) {
+        let i = CLOSE_CODES.iter().position(|c| *c == code).unwrap_or(0);
+        inc(&self.closes[i]);
+    }
+
+    /// Counts an ingress message by its event name.
+    pub fn nats_event(&self, event: &str) {
+        let i = KNOWN_EVENTS
+            .iter()
+            .position(|e| *e == event)
+            .unwrap_or(KNOWN_EVENTS.len());
+        inc(&self.nats_by_event[i]);
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let u = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -250,6 +335,48 @@ impl Metrics {
             u(&self.is_online_queries),
         );
 
+        header(
+            &mut out,
+            "epoch_gateway_closes_total",
+            "counter",
+            "Sockets closed, by close code (0: by the client or dropped).",
+        );
+        for (code, c) in CLOSE_CODES.iter().zip(&self.closes) {
+            sample(
+                &mut out,
+                "epoch_gateway_closes_total",
+                &format!("code=\"{code}\""),
+                u(c),
+            );
+        }
+        header(
+            &mut out,
+            "epoch_gateway_nats_events_total",
+            "counter",
+            "Valid ingress messages, by event (other names as `other`).",
+        );
+        for (event, c) in KNOWN_EVENTS
+            .iter()
+            .chain(["other"].iter())
+            .zip(&self.nats_by_event)
+        {
+            sample(
+                &mut out,
+                "epoch_gateway_nats_events_total",
+                &format!("event=\"{event}\""),
+                u(c),
+            );
+        }
+        self.fanout_latency.render(
+            &mut out,
+            "epoch_gateway_fanout_latency_seconds",
+            "NATS receive to socket write, for the first frame of each write batch.",
+        );
+        self.is_online_latency.render(
+            &mut out,
+            "epoch_gateway_is_online_latency_seconds",
+            "is_online frame received to reply written.",
+        );
         header(
             &mut out,
             "epoch_gateway_nats_connected",

@@ -154,6 +154,7 @@ impl Channels {
     }
 
     fn join(&mut self, join_ref: Option<String>, msg_ref: Option<&str>, name: String) -> Frame {
+        let _span = tracing::info_span!("channel.join", topic = %name).entered();
         if self.joined.len() >= self.max_topics {
             return error(join_ref.as_deref(), msg_ref, &name, REASON_TOO_MANY_TOPICS);
         }
@@ -197,6 +198,7 @@ impl Channels {
         self.metrics
             .is_online_queries
             .fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("is_online", online = tracing::field::Empty).entered();
         let Some(id) = payload.get("user_id") else {
             return error(join_ref, msg_ref, topic, REASON_INVALID_USER_ID);
         };
@@ -204,6 +206,7 @@ impl Channels {
             return error(join_ref, msg_ref, topic, REASON_INVALID_USER_ID);
         };
         let online = self.presence.is_online(user);
+        span.record("online", online);
         protocol::reply(
             join_ref,
             msg_ref,

@@ -80,6 +80,13 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let span = tracing::info_span!(
+        "ws.connect",
+        node = %state.presence.node(),
+        auth = tracing::field::Empty,
+        user = tracing::field::Empty,
+    );
+    let _entered = span.enter();
     if state.shutdown.is_cancelled() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
@@ -129,7 +136,10 @@ pub async fn upgrade(
         return StatusCode::FORBIDDEN.into_response();
     }
     let principal = match params.token.as_deref() {
-        None => None,
+        None => {
+            span.record("auth", "anonymous");
+            None
+        }
         Some(token) => match state.auth.verify(token).and_then(|principal| {
             if state.revocations.is_revoked(&principal.jti) {
                 Err(crate::auth::AuthError::Revoked)
@@ -137,8 +147,13 @@ pub async fn upgrade(
                 Ok(principal)
             }
         }) {
-            Ok(principal) => Some(principal),
+            Ok(principal) => {
+                span.record("auth", "authenticated");
+                span.record("user", principal.user_id.get());
+                Some(principal)
+            }
             Err(error) => {
+                span.record("auth", error.label());
                 state.metrics.auth_failure(error.label());
                 tracing::info!(reason = %error, "socket refused: invalid token");
                 return StatusCode::FORBIDDEN.into_response();

@@ -16,11 +16,12 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
-use super::channel::Channels;
+use super::channel::{Channels, EVENT_IS_ONLINE};
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::hub::{Closer, Hub, Kick, Outbound};
+use crate::hub::{Closer, Hub, Kick, Outbound, Queued};
 use crate::limits::TokenBucket;
+use crate::metrics::Metrics;
 use crate::protocol::{self, Frame, close_code};
 
 /// Most queued frames written before one flush: large enough to amortise the syscall, small enough to
@@ -31,8 +32,17 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a close frame may take; the socket is dropped after it either way.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Ends of a session in which the gateway sends no close code.
+const CLIENT_SIDE_ENDS: [&str; 5] = [
+    "write failed",
+    "write timed out",
+    "client went away",
+    "read failed",
+    "client closed",
+];
+
 enum Step {
-    Write(Frame),
+    Write(Queued),
     Inbound(Option<Result<Message, axum::Error>>),
     Close(u16, &'static str),
     Kicked(Kick),
@@ -133,7 +143,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
         match step {
             Step::Write(first) => {
                 let written = tokio::select! {
-                    result = timeout(WRITE_TIMEOUT, write_batch(&mut socket, first, &mut queue)) => result,
+                    result = timeout(WRITE_TIMEOUT, write_batch(&mut socket, first, &mut queue, &state.metrics)) => result,
                     _ = closer.closed() => continue,
                 };
                 match written {
@@ -161,7 +171,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                         .metrics
                         .invalid_client_frames
                         .fetch_add(1, Ordering::Relaxed);
-                    close(&mut socket, code, reason).await;
+                    close(&mut socket, &state.metrics, code, reason).await;
                     break reason;
                 }
                 tracing::debug!(%error, "socket read failed");
@@ -180,6 +190,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                             if refused > per_sec {
                                 close(
                                     &mut socket,
+                                    &state.metrics,
                                     close_code::POLICY_VIOLATION,
                                     "too many messages",
                                 )
@@ -195,10 +206,15 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                         }
                         Ok(frame) => {
                             refused = 0;
+                            let started = std::time::Instant::now();
+                            let is_online = frame.event == EVENT_IS_ONLINE;
                             let replies = channels.handle(frame);
                             let count = replies.len() as u64;
                             if write_all(&mut socket, replies).await.is_err() {
                                 break "write failed";
+                            }
+                            if is_online {
+                                state.metrics.is_online_latency.observe(started.elapsed());
                             }
                             state.metrics.frames_out.fetch_add(count, Ordering::Relaxed);
                         }
@@ -208,7 +224,13 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                                 .invalid_client_frames
                                 .fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(%error, "invalid client frame");
-                            close(&mut socket, close_code::INVALID_FRAME, "invalid frame").await;
+                            close(
+                                &mut socket,
+                                &state.metrics,
+                                close_code::INVALID_FRAME,
+                                "invalid frame",
+                            )
+                            .await;
                             break "invalid frame";
                         }
                     },
@@ -219,6 +241,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                             .fetch_add(1, Ordering::Relaxed);
                         close(
                             &mut socket,
+                            &state.metrics,
                             close_code::UNSUPPORTED_DATA,
                             "text frames only",
                         )
@@ -237,19 +260,28 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                 }
             }
             Step::Close(code, reason) => {
-                close(&mut socket, code, reason).await;
+                close(&mut socket, &state.metrics, code, reason).await;
                 break reason;
             }
             Step::Kicked(Kick::SlowConsumer) => {
                 state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                close(&mut socket, close_code::SLOW_CONSUMER, "slow consumer").await;
+                close(
+                    &mut socket,
+                    &state.metrics,
+                    close_code::SLOW_CONSUMER,
+                    "slow consumer",
+                )
+                .await;
                 break "slow consumer";
             }
             Step::Kicked(kick) => {
                 // Deliver what is already queued (the `logout` event itself) before closing.
                 while let Ok(frame) = queue.try_recv() {
-                    let flushed =
-                        timeout(CLOSE_TIMEOUT, write_batch(&mut socket, frame, &mut queue)).await;
+                    let flushed = timeout(
+                        CLOSE_TIMEOUT,
+                        write_batch(&mut socket, frame, &mut queue, &state.metrics),
+                    )
+                    .await;
                     if !matches!(flushed, Ok(Ok(_))) {
                         break;
                     }
@@ -259,28 +291,34 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                     Kick::ShuttingDown => (close_code::GOING_AWAY, "server shutting down"),
                     _ => (close_code::DISCONNECTED, "disconnected by the server"),
                 };
-                close(&mut socket, code, reason).await;
+                close(&mut socket, &state.metrics, code, reason).await;
                 break reason;
             }
         }
     };
+    if CLIENT_SIDE_ENDS.contains(&reason) {
+        state.metrics.close(0);
+    }
     drop(channels);
     tracing::debug!(reason, "socket closed");
 }
 
 async fn write_batch(
     socket: &mut WebSocket,
-    first: Frame,
-    queue: &mut mpsc::Receiver<Frame>,
+    first: Queued,
+    queue: &mut mpsc::Receiver<Queued>,
+    metrics: &Metrics,
 ) -> Result<u64, axum::Error> {
-    socket.feed(Message::Text(first)).await?;
+    let received = first.received;
+    socket.feed(Message::Text(first.frame)).await?;
     let mut count = 1;
     while count < MAX_BATCH as u64 {
-        let Ok(frame) = queue.try_recv() else { break };
-        socket.feed(Message::Text(frame)).await?;
+        let Ok(queued) = queue.try_recv() else { break };
+        socket.feed(Message::Text(queued.frame)).await?;
         count += 1;
     }
     socket.flush().await?;
+    metrics.fanout_latency.observe(received.elapsed());
     Ok(count)
 }
 
@@ -298,7 +336,8 @@ async fn write_all(socket: &mut WebSocket, frames: Vec<Frame>) -> Result<(), axu
 
 /// Sends a close frame and waits (briefly) for the client's: dropping the connection at once could reset
 /// it before the client has read the close code. A client that does not answer in time is dropped anyway.
-async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+async fn close(socket: &mut WebSocket, metrics: &Metrics, code: u16, reason: &'static str) {
+    metrics.close(code);
     let frame = CloseFrame {
         code,
         reason: reason.into(),

@@ -17,3 +17,4 @@ mod phoenix_js;
 mod presence;
 mod sessions;
 mod slow;
+mod telemetry;
