@@ -286,3 +286,32 @@ async fn a_scripted_scenario_moves_each_counter_by_the_expected_amount() {
     assert_eq!(metric("epoch_gateway_closes_total{code=\"0\"}").await, 1.0);
     assert_eq!(metric("epoch_gateway_nats_connected").await, 1.0);
 }
+
+#[tokio::test]
+async fn every_metric_on_the_grafana_dashboard_is_exported() {
+    let nats = Nats::start();
+    let gw = Gateway::start(&nats.url).await;
+    let exported = gw.http_body("/metrics").await;
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/epoch-gateway.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("epoch_gateway_"))
+            {
+                assert!(
+                    exported.contains(&format!("\n{name}")),
+                    "{name} (panel {}) is not exported",
+                    panel["title"]
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10);
+}
