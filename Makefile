@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` (the service, with a local nats-server) and `make test`.
-.PHONY: setup run test lint fuzz
+.PHONY: setup run test lint fuzz deploy-check browser-test
 
 setup:
 	scripts/setup.sh
@@ -17,3 +17,11 @@ lint:
 # Property tests of the frame decoder and the NATS envelope parser with many cases (bounded time in CI).
 fuzz:
 	PROPTEST_CASES=$${PROPTEST_CASES:-20000} cargo test --locked --lib fuzz_
+
+# Static checks of deploy/ (compose, k8s, env files against the gateway's real configuration keys).
+deploy-check:
+	python3 tests/deploy/validate.py
+
+# examples/browser in headless Chromium against the real gateway (installs Chromium with apt-get if missing).
+browser-test:
+	scripts/browser-test.sh

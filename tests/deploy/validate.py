@@ -251,6 +251,11 @@ def check_compose(docs: dict[Path, list]) -> None:
     check("deploy/nginx.conf balances over the compose gateways", upstreams == gateways, str(upstreams))
     check("deploy/nginx.conf forwards WebSocket upgrades",
           "proxy_set_header Upgrade $http_upgrade" in nginx and "proxy_http_version 1.1" in nginx)
+    formats = re.findall(r"log_format\s+\w+((?:\s+'[^']*')+)", nginx)
+    check("deploy/nginx.conf logs with its own format, without the query string (tokens)",
+          bool(formats) and re.search(r"access_log\s+\S+\s+\w+\s*;", nginx) is not None
+          and not any(re.search(r"\$(request|request_uri|args|query_string|arg_\w+)\b", f) for f in formats),
+          str(formats))
     prom = (docs.get(DEPLOY / "prometheus.yml") or [{}])[0]
     targets = sorted(t for job in prom.get("scrape_configs", []) for sc in job.get("static_configs", [])
                      for t in sc.get("targets", []))

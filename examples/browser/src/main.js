@@ -1,0 +1,120 @@
+// Browser example for epoch-gateway, using the official phoenix.js client (the npm package `phoenix`).
+//
+// Reads its settings from the page URL:
+//   ?socket=ws://127.0.0.1:4000/socket   the gateway's socket URL (phoenix.js appends /websocket?vsn=2.0.0)
+//   &token=<JWT>                         optional; without it the socket is anonymous
+//   &user=42                             the token's user id (joins user:<id>)
+// then connects, joins user:public (and user:role and user:<user> when a token is given), and shows the
+// connection state, every event that arrives with its payload, and an "is user N online?" control.
+//
+// A real application gets its token from its login API; it is in the URL here only to keep the example
+// small. Everything received is shown with textContent, never as HTML.
+import { Socket } from "phoenix";
+
+const params = new URLSearchParams(window.location.search);
+const defaultSocket = `${window.location.protocol === "https:" ? "wss" : "ws"}://${window.location.hostname || "127.0.0.1"}:4000/socket`;
+const socketUrl = params.get("socket") || defaultSocket;
+const token = params.get("token") || "";
+const user = params.get("user") || "";
+
+const $ = (id) => document.getElementById(id);
+const stateEl = $("state");
+const logEl = $("log");
+const channelsEl = $("channels");
+
+// Connection state: shown on the page, kept in data-state for tests, and echoed to the console.
+function setState(state, detail) {
+  stateEl.textContent = detail ? `${state} (${detail})` : state;
+  stateEl.dataset.state = state;
+  console.log(`state: ${state}${detail ? " " + detail : ""}`);
+}
+
+// One line of the event log. kind: "event" (a broadcast from the gateway) or "info" (what this page did).
+function log(kind, topic, event, payload) {
+  const li = document.createElement("li");
+  li.className = kind;
+  li.dataset.topic = topic;
+  li.dataset.event = event;
+  const time = document.createElement("time");
+  time.textContent = new Date().toLocaleTimeString();
+  const name = document.createElement("strong");
+  name.textContent = `${topic} ${event}`;
+  const body = document.createElement("code");
+  body.textContent = payload === undefined ? "" : JSON.stringify(payload);
+  li.append(time, " ", name, " ", body);
+  logEl.prepend(li);
+}
+
+function showChannel(topic, status, detail) {
+  let li = channelsEl.querySelector(`[data-topic="${CSS.escape(topic)}"]`);
+  if (!li) {
+    li = document.createElement("li");
+    li.dataset.topic = topic;
+    channelsEl.append(li);
+  }
+  li.dataset.status = status;
+  li.textContent = `${topic}: ${status}${detail ? " (" + detail + ")" : ""}`;
+}
+
+$("socket-url").textContent = socketUrl;
+$("identity").textContent = token ? `user ${user || "?"} (token given)` : "anonymous (no token)";
+
+const socket = new Socket(socketUrl, { params: token ? { token } : {} });
+socket.onOpen(() => setState("connected"));
+// A refused upgrade (403: bad token, disallowed Origin) shows up as an error then a close; phoenix.js
+// keeps retrying with backoff, so the state goes error -> closed -> error ... and never "connected".
+socket.onError(() => setState("error", "the gateway refused or dropped the socket"));
+// Browsers do not tell a page the HTTP status of a refused upgrade: a 403 looks like code 1006.
+socket.onClose((e) =>
+  setState("closed", e.code === 1006 ? "code 1006: refused (403: origin or token) or unreachable" : `code ${e.code}`),
+);
+// Every broadcast ([null, null, topic, event, payload]) goes to the log as it arrives.
+socket.onMessage(({ topic, event, payload, ref }) => {
+  if (ref == null && !event.startsWith("phx_")) log("event", topic, event, payload);
+});
+
+function join(topic) {
+  const channel = socket.channel(topic, {});
+  showChannel(topic, "joining");
+  channel
+    .join()
+    .receive("ok", () => showChannel(topic, "joined"))
+    .receive("error", (resp) => showChannel(topic, "refused", resp && resp.reason))
+    .receive("timeout", () => showChannel(topic, "timeout"));
+  channel.onError(() => showChannel(topic, "errored"));
+  return channel;
+}
+
+setState("connecting");
+socket.connect();
+const publicChannel = join("user:public");
+if (token) {
+  join("user:role");
+  if (user) join(`user:${user}`);
+}
+
+// "Is user N online?": pushes is_online on user:public (any joined user:* topic answers it).
+$("online-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const raw = $("online-user").value.trim();
+  const result = $("online-result");
+  const userId = /^\d+$/.test(raw) ? Number(raw) : raw;
+  result.textContent = "asking…";
+  delete result.dataset.online;
+  publicChannel
+    .push("is_online", { user_id: userId })
+    .receive("ok", (resp) => {
+      result.dataset.online = String(resp.online);
+      result.textContent = `user ${resp.id} is ${resp.online ? "online" : "offline"}  ${JSON.stringify(resp)}`;
+      log("info", "user:public", "is_online reply", resp);
+    })
+    .receive("error", (resp) => {
+      result.dataset.online = "error";
+      result.textContent = `error: ${resp && resp.reason}`;
+    })
+    .receive("timeout", () => {
+      result.dataset.online = "timeout";
+      result.textContent = "no reply (timeout)";
+    });
+});
+if (user) $("online-user").value = user;
