@@ -269,3 +269,32 @@ async fn presence_is_rebuilt_after_nats_restarts_with_an_empty_store() {
     observer.wait_until(80, true, Duration::from_secs(5)).await;
     gw.wait_ready().await;
 }
+
+#[tokio::test]
+async fn scale_out_an_event_published_on_any_node_reaches_clients_on_every_gateway() {
+    let cluster = Cluster::start();
+    let (prefix, bucket) = (unique("x"), unique("presence_"));
+    let options =
+        || GatewayOptions::cluster(&prefix, &bucket).env("EPOCH_GATEWAY__PRESENCE__REPLICAS", "3");
+    let a = Gateway::start_with(&cluster.urls[0], options()).await;
+    let b = Gateway::start_with(&cluster.urls[1], options()).await;
+    let mut on_a = online_tab(&a, 100).await;
+    let mut on_b = online_tab(&b, 101).await;
+    for (i, url) in cluster.urls.iter().enumerate() {
+        let publisher = async_nats::connect(url).await.unwrap();
+        let body = json!({"event": "announcement", "payload": {"from_node": i}}).to_string();
+        a.publish(&publisher, "public", &body).await;
+        let expected = broadcast("user:public", "announcement", json!({"from_node": i}));
+        assert_eq!(on_a.frame().await, expected);
+        assert_eq!(on_b.frame().await, expected);
+    }
+    // Presence is shared both ways.
+    Observer::on(&a)
+        .await
+        .wait_until(101, true, Duration::from_secs(1))
+        .await;
+    Observer::on(&b)
+        .await
+        .wait_until(100, true, Duration::from_secs(1))
+        .await;
+}
