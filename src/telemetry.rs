@@ -61,7 +61,10 @@ pub fn init(log: &LogSettings, telemetry: &TelemetrySettings) -> Telemetry {
         Err(error) => (None, Some(error)),
     };
     let otel = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer().with_tracer(provider.tracer(DEFAULT_SERVICE_NAME))
+        // No busy/idle timing: it would cost two clock reads on every poll of every socket's task.
+        tracing_opentelemetry::layer()
+            .with_tracked_inactivity(false)
+            .with_tracer(provider.tracer(DEFAULT_SERVICE_NAME))
     });
     // `try_init` fails only when a subscriber is already installed, which is then kept.
     let _ = tracing_subscriber::registry()
