@@ -26,6 +26,10 @@ use crate::topic::UserId;
 pub const MARKER_TTL: Duration = Duration::from_secs(5);
 /// Records are rewritten this many times per TTL, so one lost write does not expire a user.
 const REFRESHES_PER_TTL: u32 = 3;
+/// Records published before their acknowledgements are awaited. async-nats holds at most 5,000
+/// unacknowledged JetStream publishes per context and makes the next publish wait for a permit that only an
+/// awaited acknowledgement returns: a larger batch would wait on itself forever.
+const WRITE_CHUNK: usize = 1_000;
 /// Pause before retrying writes that failed (NATS down, JetStream busy).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Pause before re-opening a watch that failed.
@@ -207,15 +211,22 @@ impl Writer {
         }
     }
 
-    /// Writes one batch; failed users go back to the dirty set. Returns whether everything was written.
+    /// Writes one batch, [`WRITE_CHUNK`] records per round trip; failed users go back to the dirty set.
+    /// Returns whether everything was written.
     async fn write(&self, users: HashSet<UserId>, held: &mut HashSet<UserId>) -> bool {
-        if users.is_empty() {
-            return true;
+        let users: Vec<UserId> = users.into_iter().collect();
+        let mut all_written = true;
+        for chunk in users.chunks(WRITE_CHUNK) {
+            all_written &= self.write_chunk(chunk, held).await;
         }
-        // Publish the whole batch before awaiting any acknowledgement: JetStream applies them in order and
+        all_written
+    }
+
+    async fn write_chunk(&self, users: &[UserId], held: &mut HashSet<UserId>) -> bool {
+        // Publish the whole chunk before awaiting any acknowledgement: JetStream applies them in order and
         // one round trip covers them all.
         let mut pending = Vec::with_capacity(users.len());
-        for user in users {
+        for &user in users {
             let online = self.presence.is_local(user);
             let subject = format!(
                 "$KV.{}.{}",

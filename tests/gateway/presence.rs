@@ -135,3 +135,40 @@ async fn a_bucket_with_other_settings_stops_start_up_with_a_clear_message() {
     let store = js.get_key_value(&bucket).await.unwrap();
     assert_eq!(store.status().await.unwrap().history(), 5);
 }
+
+/// More local users than async-nats keeps unacknowledged JetStream publishes (5,000): every refresh
+/// rewrites all of them, and none may wait on its own batch.
+#[tokio::test]
+async fn records_of_more_users_than_publishes_in_flight_are_refreshed() {
+    const USERS: u64 = 5_200;
+    let nats = Nats::start();
+    let options = GatewayOptions::default()
+        .env("EPOCH_GATEWAY__PRESENCE__TTL_SECS", "3")
+        .env("EPOCH_GATEWAY__WS__MAX_NEW_CONNECTIONS_PER_SEC", "100000")
+        .env("RUST_LOG", "info");
+    let gw = Gateway::start_with(&nats.url, options).await;
+    let sockets: Vec<PhxClient> = futures::stream::iter(1..=USERS)
+        .map(|user| {
+            let gw = &gw;
+            async move {
+                let mut socket = gw.authenticated(user).await;
+                socket.join_ok("user:public").await;
+                socket
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    // Longer than the TTL: only refreshed records are still there.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(keys(&nats, &gw.bucket).await.len() as u64, USERS);
+
+    let mut late = gw.authenticated(USERS + 1).await;
+    late.join_ok("user:public").await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while keys(&nats, &gw.bucket).await.len() as u64 != USERS + 1 {
+        assert!(Instant::now() < deadline, "a later join is still written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(sockets);
+}
