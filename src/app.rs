@@ -20,7 +20,8 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{any, get};
-use tokio::net::TcpListener;
+use axum::serve::ListenerExt as _;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -105,14 +106,28 @@ pub struct Application {
     revoked: mpsc::UnboundedReceiver<(String, u64)>,
 }
 
+/// Pending connections the kernel queues before `accept` (capped by `net.core.somaxconn`). A reconnect
+/// storm arrives at once; with the usual 128, the surplus SYNs are dropped and retried a second later.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Application {
     /// # Errors
     /// When the listen address cannot be bound or the NATS URLs cannot be parsed.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         let auth = Authenticator::new(&settings.auth_secret(), settings.auth_algorithm()?);
-        let listener = TcpListener::bind(settings.http.listen)
-            .await
+        let listener = listen(settings.http.listen)
             .with_context(|| format!("cannot listen on {}", settings.http.listen))?;
         let (client, health) = broker::connect(
             &settings.nats_urls(),
@@ -182,6 +197,13 @@ impl Application {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, node = settings.node_id(), "listening on {addr}");
 
+        // Frames are batched and flushed by the session; Nagle's algorithm would hold a small frame back
+        // until the previous segment is acknowledged.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(listener, router(Arc::clone(&state)))
             // The listener stays open through the drain, answering 503 to `/readyz` and to upgrades.
             .with_graceful_shutdown(state.close_all.clone().cancelled_owned());

@@ -22,9 +22,10 @@ use crate::app::AppState;
 
 /// Phoenix's V2 serializer requirement is `~> 2.0.0`: any 2.0.x.
 const SUPPORTED_VSN_PREFIX: &str = "2.0.";
-/// Read buffer per socket. Client frames are tiny (joins, heartbeats, `is_online`); the WebSocket
-/// library's 128 KiB default would dominate the memory of an idle socket.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Read buffer per socket. Client frames are tiny (joins, heartbeats, `is_online`: well under 1 KiB); the
+/// WebSocket library's 128 KiB default would dominate the memory of an idle socket. Larger frames are read
+/// in several chunks, up to `ws.max_message_bytes`.
+const READ_BUFFER_BYTES: usize = 1024;
 /// Outgoing bytes buffered before a write reaches the socket; batches are flushed explicitly.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
