@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Load benchmark of the gateway against nats-server's own WebSocket listener (docs/benchmarks.md).
+#
+#   scripts/bench.sh           the full run: every scenario at the sizes of issue 6 (about 10-15 minutes),
+#                              reports in target/bench/*.json, plot in docs/benchmarks-latency.png
+#   scripts/bench.sh --smoke   200 sockets, a few seconds per scenario, no plot (CI: keeps the tool alive)
+#
+# Builds the gateway and the load tool (src/bin/epoch-load.rs) in release mode and installs nats-server if
+# needed; each scenario starts and stops its own nats-server and gateway. Exit status: non-zero when the tool
+# fails (a process does not start, sockets cannot be opened, ...), not when a figure misses its target:
+# the targets are judged in docs/benchmarks.md, against the baseline measured in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0
+case "${1:-}" in
+  --smoke) smoke=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--smoke]" >&2; exit 2 ;;
+esac
+
+cargo build --release --locked --bin epoch-gateway --bin epoch-load
+scripts/setup.sh --nats-only
+out=target/bench
+mkdir -p "$out"
+load=target/release/epoch-load
+
+run() {
+  local name=$1; shift
+  echo
+  echo "=== $name: epoch-load $*"
+  "$load" "$@" --json "$out/$name.json"
+}
+
+if [ "$smoke" = 1 ]; then
+  small=(--sockets 200 --settle-secs 1)
+  run smoke-idle idle "${small[@]}"
+  run smoke-broadcast broadcast "${small[@]}" --start-rate 20 --step-factor 4 --step-secs 1 --max-steps 3
+  run smoke-broadcast-latency broadcast-latency "${small[@]}" --secs 2
+  run smoke-per-user per-user "${small[@]}" --rates 500 --secs 2
+  run smoke-reconnect reconnect "${small[@]}"
+  run smoke-is-online is-online --targets gateway "${small[@]}" --rates 500 --per-user-rate 200 --secs 2
+  echo
+  echo "smoke: every scenario ran; reports in $out/smoke-*.json"
+  exit 0
+fi
+
+# As many sockets as the load tool's process can hold (open-file limit 20,000).
+run idle idle --sockets 19000
+run broadcast broadcast --sockets 10000 --start-rate 2 --step-factor 1.6 --step-secs 4
+run broadcast-latency broadcast-latency --sockets 10000 --secs 30
+run per-user per-user --sockets 10000 --rates 1000,2500,5000,7500,10000 --secs 10
+run reconnect reconnect --sockets 10000
+# No baseline: nats-server has no is_online.
+run is-online is-online --targets gateway --sockets 10000 --rates 5000,10000 --per-user-rate 5000 --secs 10
+
+if ! PYTHONPATH=.tools/py python3 -c 'import matplotlib' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check --target .tools/py matplotlib
+fi
+PYTHONPATH=.tools/py python3 scripts/plot_bench.py "$out" docs/benchmarks-latency.png
