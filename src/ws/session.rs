@@ -309,12 +309,12 @@ async fn write_batch(
     queue: &mut mpsc::Receiver<Queued>,
     metrics: &Metrics,
 ) -> Result<u64, axum::Error> {
-    let received = first.received;
-    socket.feed(Message::Text(first.frame)).await?;
+    let received = first.received();
+    socket.feed(Message::Text(first.frame())).await?;
     let mut count = 1;
     while count < MAX_BATCH as u64 {
         let Ok(queued) = queue.try_recv() else { break };
-        socket.feed(Message::Text(queued.frame)).await?;
+        socket.feed(Message::Text(queued.frame())).await?;
         count += 1;
     }
     socket.flush().await?;
