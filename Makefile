@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` (the service, with a local nats-server) and `make test`.
-.PHONY: setup run test lint fuzz deploy-check browser-test
+.PHONY: setup run test lint fuzz deploy-check browser-test bench bench-smoke bench-presence
 
 setup:
 	scripts/setup.sh
@@ -25,3 +25,15 @@ deploy-check:
 # examples/browser in headless Chromium against the real gateway (installs Chromium with apt-get if missing).
 browser-test:
 	scripts/browser-test.sh
+
+# Load benchmark against nats-server's WebSocket listener (docs/benchmarks.md): the full run, and the short
+# form CI runs so that the tool keeps working.
+bench:
+	scripts/bench.sh
+
+bench-smoke:
+	scripts/bench.sh --smoke
+
+# Presence benchmark (docs/presence-benchmark.md).
+bench-presence:
+	scripts/bench-presence.sh
