@@ -27,11 +27,9 @@
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::future::IntoFuture;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -44,18 +42,21 @@ use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+mod harness;
+
+use harness::{Gateway, Nats, start_nats, vm_rss};
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const SECRET: &str = "presence-bench secret";
 const BUCKET: &str = "bench_presence";
-/// `ws.max_pushes_per_sec` and `ws.push_burst` of both gateways (see [`Gateway::start`]).
+/// `ws.max_pushes_per_sec` and `ws.push_burst` of both gateways (see [`start_gateway`]).
 const PUSH_LIMIT: &str = "1000000";
 const FAKE_NODE: &str = "bench-fake";
 /// Online users are `1..=N`; trial users and the fake node's users live far above them.
@@ -111,149 +112,27 @@ struct Args {
     nats_server: PathBuf,
 }
 
-/// A child process, killed and reaped on drop: nothing outlives the benchmark, even on panic.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// nats-server with JetStream in a temporary store. Fields drop in order: the process, then its store.
-struct Nats {
-    _process: Guard,
-    url: String,
-    _store: tempfile::TempDir,
-}
-
-fn start_nats(bin: &Path) -> Result<Nats> {
-    let store = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let child = Command::new(bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(store.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| {
-            format!(
-                "cannot start {}; run scripts/setup.sh --nats-only",
-                bin.display()
-            )
-        })?;
-    let process = Guard(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        ensure!(
-            Instant::now() < deadline,
-            "nats-server did not start on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let url = format!("nats://127.0.0.1:{port}");
-    Ok(Nats {
-        _process: process,
-        url,
-        _store: store,
-    })
-}
-
-struct Gateway {
-    process: Guard,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    /// Starts the gateway on port 0 and waits for its `listening on` line and for `/readyz`.
-    async fn start(args: &Args, name: &'static str, nats: &Nats) -> Result<Self> {
-        let mut child = Command::new(&args.gateway_bin)
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("EPOCH_GATEWAY__HTTP__LISTEN", "127.0.0.1:0")
-            .env("EPOCH_GATEWAY__NATS__URL", &nats.url)
-            .env("EPOCH_GATEWAY__NATS__SUBJECT_PREFIX", "bench")
-            .env("EPOCH_GATEWAY__AUTH__SECRET", SECRET)
-            .env("EPOCH_GATEWAY__PRESENCE__BUCKET", BUCKET)
-            .env(
-                "EPOCH_GATEWAY__PRESENCE__TTL_SECS",
-                args.ttl_secs.to_string(),
-            )
-            .env("EPOCH_GATEWAY__NODE__ID", format!("bench-{name}"))
-            // The per-socket push limit (default 50/s, burst 200) is an abuse control, not presence: lifted
-            // so that 50 sockets can carry 5,000 queries/s and leave trials can poll back to back.
-            .env("EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC", PUSH_LIMIT)
-            .env("EPOCH_GATEWAY__WS__PUSH_BURST", PUSH_LIMIT)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start {}; run cargo build --release",
-                    args.gateway_bin.display()
-                )
-            })?;
-        let stdout = child.stdout.take().context("gateway stdout")?;
-        let process = Guard(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the log to its end (a full pipe would stall the gateway); warnings and errors are shown.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let addr = line
-                    .split("listening on ")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next());
-                if let Some(addr) = addr.and_then(|a| a.parse::<SocketAddr>().ok()) {
-                    let _ = tx.send(addr);
-                } else if line.contains(" WARN ") || line.contains(" ERROR ") {
-                    eprintln!("[gateway {name}] {line}");
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(WAIT)
-            .context("the gateway did not log its address")?;
-        let deadline = Instant::now() + WAIT;
-        while !http_ok(addr, "/readyz").await {
-            ensure!(
-                Instant::now() < deadline,
-                "gateway {name} never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(Self { process, addr })
-    }
-
-    /// Resident set size in bytes (VmRSS of /proc/<pid>/status).
-    fn rss(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.0.id()))?;
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .context("no VmRSS")?;
-        let kib: u64 = line
-            .split_whitespace()
-            .nth(1)
-            .context("VmRSS value")?
-            .parse()?;
-        Ok(kib * 1024)
-    }
-}
-
-async fn http_ok(addr: SocketAddr, path: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = TcpStream::connect(addr).await else {
-        return false;
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let mut response = Vec::new();
-    stream.write_all(request.as_bytes()).await.is_ok()
-        && stream.read_to_end(&mut response).await.is_ok()
-        && response.starts_with(b"HTTP/1.1 200")
+/// Gateways A and B: the same bucket and subject prefix, different node ids, default settings except the
+/// TTL and the per-socket push limit (`ws.max_pushes_per_sec`, `ws.push_burst`): an abuse control, not
+/// presence, lifted so that 50 sockets can carry 5,000 queries/s and leave trials can poll back to back.
+async fn start_gateway(args: &Args, name: &str, nats: &Nats) -> Result<Gateway> {
+    let settings = [
+        ("EPOCH_GATEWAY__NATS__URL", nats.url.clone()),
+        ("EPOCH_GATEWAY__NATS__SUBJECT_PREFIX", "bench".to_owned()),
+        ("EPOCH_GATEWAY__AUTH__SECRET", SECRET.to_owned()),
+        ("EPOCH_GATEWAY__PRESENCE__BUCKET", BUCKET.to_owned()),
+        (
+            "EPOCH_GATEWAY__PRESENCE__TTL_SECS",
+            args.ttl_secs.to_string(),
+        ),
+        ("EPOCH_GATEWAY__NODE__ID", format!("bench-{name}")),
+        (
+            "EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC",
+            PUSH_LIMIT.to_owned(),
+        ),
+        ("EPOCH_GATEWAY__WS__PUSH_BURST", PUSH_LIMIT.to_owned()),
+    ];
+    Gateway::start(&args.gateway_bin, name, &settings).await
 }
 
 fn token(user: u64) -> String {
@@ -593,7 +472,7 @@ impl Bench {
     /// sockets stay open (until `held` is cancelled) for the later phases.
     async fn kv_writes(&mut self, held: &CancellationToken) -> Result<()> {
         let (users, dup, period) = (self.args.users, self.dup, self.period);
-        let a_idle = self.a.rss()?;
+        let a_idle = vm_rss(self.a.process.pid())?;
         let started = Instant::now();
         hold_sockets(self.a.addr, 1..=users, held).await?;
         let deadline = Instant::now() + WAIT;
@@ -606,7 +485,8 @@ impl Bench {
         }
         let mut poller = Poller::open(self.b.addr).await?;
         poller.wait_for(users, true, Instant::now(), WAIT).await?;
-        let a_per_socket = self.a.rss()?.saturating_sub(a_idle) as f64 / users as f64;
+        let a_per_socket =
+            vm_rss(self.a.process.pid())?.saturating_sub(a_idle) as f64 / users as f64;
         println!(
             "[1] {users} users joined on A, records written, seen on B: {:.1?}",
             started.elapsed()
@@ -719,7 +599,7 @@ impl Bench {
         let records = self.args.records;
         println!("[4] writing {records} records of node {FAKE_NODE}…");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let before = self.b.rss()?;
+        let before = vm_rss(self.b.process.pid())?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-TTL", "300s");
         let started = Instant::now();
@@ -745,7 +625,7 @@ impl Bench {
             "B does not see the first fake record"
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = self.b.rss()?;
+        let after = vm_rss(self.b.process.pid())?;
         let per_user = after.saturating_sub(before) as f64 / records as f64;
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         #[rustfmt::skip]
@@ -764,14 +644,7 @@ impl Bench {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let mut terminate = signal(SignalKind::terminate())?;
-    // On Ctrl-C or SIGTERM the benchmark future is dropped, and with it every process guard and
-    // temporary directory.
-    tokio::select! {
-        result = run(args) => result,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-        _ = terminate.recv() => bail!("terminated"),
-    }
+    harness::until_interrupted(run(args)).await
 }
 
 async fn run(args: Args) -> Result<()> {
@@ -795,9 +668,9 @@ async fn run(args: Args) -> Result<()> {
         args.users + dup + args.query_sockets <= 15_000,
         "at most 15,000 sockets: this process holds every client end (open-file limit)"
     );
-    let nats = start_nats(&args.nats_server)?;
-    let a = Gateway::start(&args, "a", &nats).await?;
-    let b = Gateway::start(&args, "b", &nats).await?;
+    let nats = start_nats(&args.nats_server, false)?;
+    let a = start_gateway(&args, "a", &nats).await?;
+    let b = start_gateway(&args, "b", &nats).await?;
     let js = jetstream::new(async_nats::connect(&nats.url).await?);
     let period = Duration::from_secs(args.ttl_secs) / 3;
     println!(

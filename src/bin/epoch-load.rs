@@ -21,10 +21,8 @@
 //! docs/benchmarks.md; `scripts/bench.sh --smoke` runs them small, for CI.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -39,12 +37,16 @@ use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinSet;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
+
+#[path = "../../examples/harness/mod.rs"]
+mod harness;
+
+use harness::{Gateway, Nats, start_nats};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -95,6 +97,10 @@ enum Scenario {
     /// `is_online` queries from the sockets at each of `--rates` (queries/s) while per-user messages flow at
     /// `--per-user-rate`: query round trips, and delivery latency with and without the queries. Gateway only.
     IsOnline,
+    /// Per-user messages at `--per-user-rate` for `--secs` (10 minutes for the soak), in windows of
+    /// `--sample-secs`: the server's RSS, open file descriptors and threads after each window, and the
+    /// window's latency. Growth is judged from the end of the first window to the end of the last.
+    Soak,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -106,7 +112,7 @@ enum Targets {
     Nats,
 }
 
-#[derive(Parser, Debug, Serialize)]
+#[derive(Parser, Debug, Clone, Serialize)]
 #[command(
     name = "epoch-load",
     about = "Load tool: epoch-gateway against nats-server's WebSocket listener, same run, same machine"
@@ -127,8 +133,12 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "5000")]
     rates: Vec<f64>,
     /// is-online: per-user messages/s published while the queries run (and without them, for comparison).
+    /// soak: the per-user rate of the whole run.
     #[arg(long, default_value_t = 5000.0)]
     per_user_rate: f64,
+    /// soak: seconds per sampling window.
+    #[arg(long, default_value_t = 30.0)]
+    sample_secs: f64,
     /// per-user and broadcast-latency: seconds of publishing per measurement.
     #[arg(long, default_value_t = 10.0)]
     secs: f64,
@@ -159,162 +169,6 @@ struct Args {
 // ---------------------------------------------------------------------------------------------------------
 // Processes
 
-/// A child process, killed and reaped on drop: nothing outlives the tool, even on error or panic.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A nats-server in a temporary directory. Fields drop in order: the process, then its directory.
-struct Nats {
-    process: Guard,
-    url: String,
-    /// The WebSocket listener, when started with one.
-    ws: Option<SocketAddr>,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn wait_port(port: u16, what: &str) -> Result<()> {
-    let deadline = Instant::now() + WAIT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        ensure!(Instant::now() < deadline, "{what} did not open port {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// Starts nats-server: with JetStream (for the gateway), or with a plain WebSocket listener (baseline).
-fn start_nats(bin: &Path, websocket: bool) -> Result<Nats> {
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let ws_port = free_port()?;
-    let mut conf =
-        format!("listen: \"127.0.0.1:{port}\"\nmax_payload: 1048576\nmax_connections: 100000\n");
-    if websocket {
-        conf.push_str(&format!(
-            "websocket {{\n  listen: \"127.0.0.1:{ws_port}\"\n  no_tls: true\n}}\n"
-        ));
-    } else {
-        conf.push_str(&format!(
-            "jetstream {{ store_dir: \"{}\" }}\n",
-            dir.path().join("js").display()
-        ));
-    }
-    let conf_path = dir.path().join("nats.conf");
-    std::fs::write(&conf_path, conf)?;
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(&conf_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| {
-            format!(
-                "cannot start {}; run scripts/setup.sh --nats-only",
-                bin.display()
-            )
-        })?;
-    let process = Guard(child);
-    wait_port(port, "nats-server")?;
-    let ws = if websocket {
-        wait_port(ws_port, "nats-server websocket")?;
-        Some(SocketAddr::from((Ipv4Addr::LOCALHOST, ws_port)))
-    } else {
-        None
-    };
-    Ok(Nats {
-        process,
-        url: format!("nats://127.0.0.1:{port}"),
-        ws,
-        _dir: dir,
-    })
-}
-
-struct Gateway {
-    process: Guard,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    /// Starts the gateway on port 0 with lifted connection and push limits and waits for `/readyz`.
-    async fn start(bin: &Path, nats: &Nats) -> Result<Self> {
-        let mut child = Command::new(bin)
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("EPOCH_GATEWAY__HTTP__LISTEN", "127.0.0.1:0")
-            .env("EPOCH_GATEWAY__NATS__URL", &nats.url)
-            .env("EPOCH_GATEWAY__NATS__SUBJECT_PREFIX", PREFIX)
-            .env("EPOCH_GATEWAY__AUTH__SECRET", SECRET)
-            .env("EPOCH_GATEWAY__PRESENCE__BUCKET", BUCKET)
-            .env("EPOCH_GATEWAY__NODE__ID", "load")
-            .env("EPOCH_GATEWAY__WS__MAX_CONNECTIONS", LIFTED_LIMIT)
-            .env(
-                "EPOCH_GATEWAY__WS__MAX_NEW_CONNECTIONS_PER_SEC",
-                LIFTED_LIMIT,
-            )
-            .env("EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC", LIFTED_LIMIT)
-            .env("EPOCH_GATEWAY__WS__PUSH_BURST", LIFTED_LIMIT)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start {}; run cargo build --release --bin epoch-gateway",
-                    bin.display()
-                )
-            })?;
-        let stdout = child.stdout.take().context("gateway stdout")?;
-        let process = Guard(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the log to its end (a full pipe would stall the gateway); warnings and errors are shown.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let addr = line
-                    .split("listening on ")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next());
-                if let Some(addr) = addr.and_then(|a| a.parse::<SocketAddr>().ok()) {
-                    let _ = tx.send(addr);
-                } else if line.contains(" WARN ") || line.contains(" ERROR ") {
-                    eprintln!("[gateway] {line}");
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(WAIT)
-            .context("the gateway did not log its address")?;
-        let deadline = Instant::now() + WAIT;
-        while !http_ok(addr, "/readyz").await {
-            ensure!(Instant::now() < deadline, "the gateway never became ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(Self { process, addr })
-    }
-}
-
-async fn http_ok(addr: SocketAddr, path: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = TcpStream::connect(addr).await else {
-        return false;
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let mut response = Vec::new();
-    stream.write_all(request.as_bytes()).await.is_ok()
-        && stream.read_to_end(&mut response).await.is_ok()
-        && response.starts_with(b"HTTP/1.1 200")
-}
-
 /// RSS and CPU time of a process, from `/proc`.
 #[derive(Clone, Copy, Debug)]
 struct ProcSample {
@@ -324,13 +178,7 @@ struct ProcSample {
 }
 
 fn sample(pid: u32) -> Result<ProcSample> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("no VmRSS")?
-        .parse()?;
+    let rss = harness::vm_rss(pid)?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start at field 3; utime and stime are 14, 15.
     let rest = &stat[stat.rfind(')').context("bad stat")? + 2..];
@@ -338,7 +186,7 @@ fn sample(pid: u32) -> Result<ProcSample> {
     let cpu_ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     Ok(ProcSample {
         at: Instant::now(),
-        rss: kib * 1024,
+        rss,
         cpu_ticks,
     })
 }
@@ -928,14 +776,30 @@ async fn start_target(args: &Args, kind: Kind, auth: &Arc<Authenticator>) -> Res
     let (addr, pid, gateway, backing) = if websocket {
         (
             nats.ws.context("websocket listener")?,
-            nats.process.0.id(),
+            nats.process.pid(),
             None,
             None,
         )
     } else {
-        let gateway = Gateway::start(&args.gateway_bin, &nats).await?;
-        let pid = gateway.process.0.id();
-        (gateway.addr, pid, Some(gateway), Some(nats.process.0.id()))
+        // Defaults, except the abuse limits: they are not what is measured.
+        let lifted = LIFTED_LIMIT.to_owned();
+        let settings = [
+            ("EPOCH_GATEWAY__NATS__URL", nats.url.clone()),
+            ("EPOCH_GATEWAY__NATS__SUBJECT_PREFIX", PREFIX.to_owned()),
+            ("EPOCH_GATEWAY__AUTH__SECRET", SECRET.to_owned()),
+            ("EPOCH_GATEWAY__PRESENCE__BUCKET", BUCKET.to_owned()),
+            ("EPOCH_GATEWAY__NODE__ID", "load".to_owned()),
+            ("EPOCH_GATEWAY__WS__MAX_CONNECTIONS", lifted.clone()),
+            (
+                "EPOCH_GATEWAY__WS__MAX_NEW_CONNECTIONS_PER_SEC",
+                lifted.clone(),
+            ),
+            ("EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC", lifted.clone()),
+            ("EPOCH_GATEWAY__WS__PUSH_BURST", lifted),
+        ];
+        let gateway = Gateway::start(&args.gateway_bin, "load", &settings).await?;
+        let pid = gateway.process.pid();
+        (gateway.addr, pid, Some(gateway), Some(nats.process.pid()))
     };
     Ok(Target {
         endpoint: Endpoint {
@@ -1259,6 +1123,68 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
     Ok(report)
 }
 
+/// Open file descriptors and threads of a process, from `/proc`.
+fn fds_and_threads(pid: u32) -> Result<(u64, u64)> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .context("no Threads")?
+        .trim()
+        .parse()?;
+    Ok((fds, threads))
+}
+
+async fn run_soak(args: &Args, target: &Target) -> Result<Value> {
+    let stats = Arc::new(Stats::new());
+    let held = open_checked(args, target, &stats).await?;
+    let start = sample(target.pid)?;
+    let users = held.opened.max(1);
+    let windows = (args.secs / args.sample_secs).ceil().max(2.0) as u64;
+    let window_args = Args {
+        secs: args.sample_secs,
+        ..args.clone()
+    };
+    let (mut samples, mut seq, mut lost) = (Vec::new(), 0, 0);
+    for window in 1..=windows {
+        let (sent, delivered, lat) =
+            per_user_window(&window_args, target, &stats, args.per_user_rate, seq, users).await?;
+        seq += sent;
+        lost += sent.saturating_sub(delivered);
+        let now = sample(target.pid)?;
+        let (fds, threads) = fds_and_threads(target.pid)?;
+        let rss_mib = now.rss as f64 / (1024.0 * 1024.0);
+        println!(
+            "  window {window}/{windows}: {delivered} of {sent} delivered, p99 {:.3} ms, RSS {rss_mib:.1} MiB, {fds} fds, {threads} threads",
+            lat.p99_ms
+        );
+        samples.push(json!({
+            "window": window, "secs": start.at.elapsed().as_secs_f64(), "sent": sent, "delivered": delivered,
+            "p99_ms": lat.p99_ms, "rss_mib": rss_mib, "fds": fds, "threads": threads,
+        }));
+    }
+    let figure = |key: &str| -> (f64, f64) {
+        let first = samples[0][key].as_f64().unwrap_or(0.0);
+        let last = samples[samples.len() - 1][key].as_f64().unwrap_or(0.0);
+        (first, last)
+    };
+    let (rss_first, rss_last) = figure("rss_mib");
+    let (fds_first, fds_last) = figure("fds");
+    let (threads_first, threads_last) = figure("threads");
+    let mut report = held_report(&held);
+    report["soak"] = json!({
+        "windows": samples,
+        "lost": lost,
+        "rss_change_percent": 100.0 * (rss_last - rss_first) / rss_first,
+        "fds_change": fds_last - fds_first,
+        "threads_change": threads_last - threads_first,
+    });
+    finish(&mut report, target, &stats, start)?;
+    held.drop_all().await;
+    Ok(report)
+}
+
 async fn run_reconnect(args: &Args, target: &Target) -> Result<Value> {
     let stats = Arc::new(Stats::new());
     let held = open_checked(args, target, &stats).await?;
@@ -1300,6 +1226,7 @@ async fn run_target(args: &Args, kind: Kind, auth: &Arc<Authenticator>) -> Resul
         Scenario::PerUser => run_per_user(args, &target).await?,
         Scenario::Reconnect => run_reconnect(args, &target).await?,
         Scenario::IsOnline => run_is_online(args, &target).await?,
+        Scenario::Soak => run_soak(args, &target).await?,
     };
     // The tool's own CPU over this target's run (the two share the machine's cores).
     let tool_ticks = report["load_tool_cpu_ticks_total"].as_u64().unwrap_or(0);
@@ -1435,6 +1362,35 @@ fn headlines(args: &Args, gw: Option<&Value>, base: Option<&Value>) -> Vec<Headl
                 ));
             }
         }
+        Scenario::Soak => {
+            rows.push(line(
+                format!(
+                    "soak: RSS change, end of first → last window (%), {} s",
+                    args.secs
+                ),
+                &["soak", "rss_change_percent"],
+                "within ±10 %",
+                &|g, _| g.abs() <= 10.0,
+            ));
+            rows.push(line(
+                "  … open file descriptors change".into(),
+                &["soak", "fds_change"],
+                "0",
+                &|g, _| g == 0.0,
+            ));
+            rows.push(line(
+                "  … threads change".into(),
+                &["soak", "threads_change"],
+                "no growth",
+                &|g, _| g <= 0.0,
+            ));
+            rows.push(line(
+                "  … messages lost".into(),
+                &["soak", "lost"],
+                "0",
+                &|g, _| g == 0.0,
+            ));
+        }
         Scenario::Reconnect => rows.push(line(
             format!(
                 "reconnect storm: {} sockets all re-joined (s)",
@@ -1495,13 +1451,7 @@ fn print_headlines(rows: &[Headline]) {
 async fn main() -> Result<()> {
     let args = Args::parse();
     LazyLock::force(&EPOCH);
-    let mut terminate = signal(SignalKind::terminate())?;
-    // On Ctrl-C or SIGTERM the run is dropped, and with it every process guard and temporary directory.
-    tokio::select! {
-        result = run(args) => result,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-        _ = terminate.recv() => bail!("terminated"),
-    }
+    harness::until_interrupted(run(args)).await
 }
 
 async fn run(args: Args) -> Result<()> {
