@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Load benchmark of the gateway against nats-server's own WebSocket listener (docs/benchmarks.md).
 #
-#   scripts/bench.sh           the full run: every scenario at the sizes of issue 6 (about 10-15 minutes),
+#   scripts/bench.sh           the full run: every scenario at the sizes of issue 6 (about 25 minutes, 10 of
+#                              them the soak),
 #                              reports in target/bench/*.json, plot in docs/benchmarks-latency.png
 #   scripts/bench.sh --smoke   200 sockets, a few seconds per scenario, no plot (CI: keeps the tool alive)
 #
@@ -40,6 +41,7 @@ if [ "$smoke" = 1 ]; then
   run smoke-per-user per-user "${small[@]}" --rates 500 --secs 2
   run smoke-reconnect reconnect "${small[@]}"
   run smoke-is-online is-online --targets gateway "${small[@]}" --rates 500 --per-user-rate 200 --secs 2
+  run smoke-soak soak --targets gateway "${small[@]}" --per-user-rate 200 --secs 4 --sample-secs 2
   echo
   echo "smoke: every scenario ran; reports in $out/smoke-*.json"
   exit 0
@@ -53,6 +55,8 @@ run per-user per-user --sockets 10000 --rates 1000,2500,5000,7500,10000 --secs 1
 run reconnect reconnect --sockets 10000
 # No baseline: nats-server has no is_online.
 run is-online is-online --targets gateway --sockets 10000 --rates 5000,10000 --per-user-rate 5000 --secs 10
+# Ten minutes of per-user load: RSS, file descriptors and threads sampled every 30 s.
+run soak soak --targets gateway --sockets 10000 --per-user-rate 5000 --secs 600 --sample-secs 30
 
 if ! PYTHONPATH=.tools/py python3 -c 'import matplotlib' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check --target .tools/py matplotlib
