@@ -32,6 +32,9 @@ const REFRESHES_PER_TTL: u32 = 3;
 const WRITE_CHUNK: usize = 1_000;
 /// Pause before retrying writes that failed (NATS down, JetStream busy).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Bounds of the wait for a record's acknowledgement (half a refresh period).
+const MIN_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
+const MAX_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before re-opening a watch that failed.
 const REWATCH_DELAY: Duration = Duration::from_millis(500);
 /// Longest wait for a rebuilt view to catch up with the bucket before it is used anyway.
@@ -165,7 +168,13 @@ pub struct Writer {
 impl Writer {
     /// Runs until `stop` is cancelled, then writes the last changes and purges every record it still holds.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut refresh = tokio::time::interval(self.ttl / REFRESHES_PER_TTL);
+        let period = self.ttl / REFRESHES_PER_TTL;
+        // After a failover the stream may be electing a leader: a write that is not acknowledged within half
+        // a refresh period is retried rather than awaited for the client's default 5 s, so that a record is
+        // rewritten long before it expires.
+        self.js
+            .set_timeout((period / 2).clamp(MIN_WRITE_TIMEOUT, MAX_WRITE_TIMEOUT));
+        let mut refresh = tokio::time::interval(period);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut held: HashSet<UserId> = HashSet::new();
         let mut reopen = false;
