@@ -9,8 +9,8 @@
   EPOCH_GATEWAY__SECTION__KEY), so a renamed or misspelt variable fails here;
 - the env files and the Kubernetes ConfigMap are accepted by `check-config` as the container sees them
   (with the image's config file), and production files hold only the `change-me` placeholder secret;
-- the Dockerfile's cargo build is --locked and --release; docker-compose.yml's mounted files exist and the
-  load balancer and Prometheus name its gateway services; the Deployment's grace period covers
+- the Dockerfile's cargo build is --locked and --release, with arguments CI's release build also uses;
+  docker-compose.yml's mounted files exist and the load balancer and Prometheus name its gateway services; the Deployment's grace period covers
   preStop + drain + grace.
 
 Needs Python 3.11 (tomllib) and PyYAML (installed into .tools/pydeps when missing), and the gateway binary
@@ -190,10 +190,19 @@ def check_dockerfile() -> None:
     text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
     builds = [l for l in text.splitlines() if re.match(r"\s*RUN\b.*\bcargo\s+build\b", l)]
     check("deploy/Dockerfile has a cargo build step", bool(builds))
+    # CI's release build: .ci/run runs `make bench-smoke`, which runs scripts/bench.sh.
+    ci_script = (ROOT / "scripts" / "bench.sh").read_text()
+    ci_builds = [l.split() for l in ci_script.splitlines() if re.match(r"\s*cargo\s+build\b.*--release", l)]
+    check("scripts/bench.sh (run by CI) has a release build", bool(ci_builds))
     for line in builds:
         cmd = line.strip()
+        words = cmd.split()
         check(f"deploy/Dockerfile `{cmd}` is --locked and --release",
-              "--locked" in cmd.split() and "--release" in cmd.split(), cmd)
+              "--locked" in words and "--release" in words, cmd)
+        args = words[words.index("build") + 1:]
+        check("deploy/Dockerfile builds with the arguments of CI's release build",
+              any(all(a in ci for a in args) for ci in ci_builds),
+              f"{' '.join(args)} not all in {[' '.join(c) for c in ci_builds]}")
 
 
 def check_env_files(binary: Path, docs: dict[Path, list]) -> None:
