@@ -26,6 +26,10 @@ use crate::topic::UserId;
 pub const MARKER_TTL: Duration = Duration::from_secs(5);
 /// Records are rewritten this many times per TTL, so one lost write does not expire a user.
 const REFRESHES_PER_TTL: u32 = 3;
+/// A refresh period is cut into slices this far apart, each rewriting its share of the local users: the
+/// writes (and every instance's watch updates) flow evenly instead of in one burst per period, which would
+/// hold up deliveries on the same cores.
+const REFRESH_SLICE: Duration = Duration::from_millis(10);
 /// Records published before their acknowledgements are awaited. async-nats holds at most 5,000
 /// unacknowledged JetStream publishes per context and makes the next publish wait for a permit that only an
 /// awaited acknowledgement returns: a larger batch would wait on itself forever.
@@ -35,6 +39,8 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Bounds of the wait for a record's acknowledgement (half a refresh period).
 const MIN_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
 const MAX_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Least time between two updates of the presence gauges.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause before re-opening a watch that failed.
 const REWATCH_DELAY: Duration = Duration::from_millis(500);
 /// Longest wait for a rebuilt view to catch up with the bucket before it is used anyway.
@@ -151,8 +157,9 @@ pub fn parse_record_key(key: &str) -> Option<(UserId, &str)> {
     Some((UserId::parse(user)?, node))
 }
 
-/// Writes this instance's records: dirty users as they change, every local user once per refresh period,
-/// and every local user again after a NATS reconnect (the server may have lost them).
+/// Writes this instance's records: dirty users as they change, every local user once per refresh period
+/// (in [`REFRESH_SLICE`] slices), and every local user again at once after a NATS reconnect (the server
+/// may have lost them).
 #[derive(Debug)]
 pub struct Writer {
     pub presence: Arc<Presence>,
@@ -174,15 +181,26 @@ impl Writer {
         // rewritten long before it expires.
         self.js
             .set_timeout((period / 2).clamp(MIN_WRITE_TIMEOUT, MAX_WRITE_TIMEOUT));
-        let mut refresh = tokio::time::interval(period);
+        let mut records = Records {
+            held: HashSet::new(),
+            rotation: Rotation::new(period),
+        };
+        let mut refresh = tokio::time::interval(records.rotation.slice_interval);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut held: HashSet<UserId> = HashSet::new();
         let mut reopen = false;
+        let mut gauges_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = self.presence.dirty_notify.notified() => {}
-                _ = refresh.tick() => self.presence.mark_dirty(self.presence.local_users()),
+                _ = refresh.tick() => {
+                    let slice = records.rotation.next_slice(|| self.presence.local_users());
+                    // Users who left since the period began were purged when they left.
+                    let due: Vec<UserId> = slice.into_iter().filter(|&user| self.presence.is_local(user)).collect();
+                    if !due.is_empty() {
+                        self.presence.mark_dirty(due);
+                    }
+                }
                 changed = self.reconnects.changed() => {
                     if changed.is_ok() {
                         tracing::info!("NATS reconnected: re-asserting presence records");
@@ -198,23 +216,27 @@ impl Writer {
                 }
             }
             let dirty = self.presence.take_dirty();
-            if !self.write(dirty, &mut held).await {
+            if !self.write(dirty, &mut records).await {
                 reopen = true;
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = tokio::time::sleep(RETRY_DELAY) => {}
                 }
             }
-            self.update_gauges(&held);
+            // Counting online users walks the whole view: at most once per GAUGE_INTERVAL.
+            if gauges_at.is_none_or(|at| at.elapsed() >= GAUGE_INTERVAL) {
+                self.update_gauges(&records.held);
+                gauges_at = Some(tokio::time::Instant::now());
+            }
         }
         let mut last = self.presence.take_dirty();
-        last.extend(held.iter().copied());
+        last.extend(records.held.iter().copied());
         // After `stop`, sessions are gone, so every remaining user is written as offline.
-        self.write(last, &mut held).await;
-        self.update_gauges(&held);
-        if !held.is_empty() {
+        self.write(last, &mut records).await;
+        self.update_gauges(&records.held);
+        if !records.held.is_empty() {
             tracing::warn!(
-                records = held.len(),
+                records = records.held.len(),
                 "presence records left to expire by TTL"
             );
         }
@@ -222,16 +244,16 @@ impl Writer {
 
     /// Writes one batch, [`WRITE_CHUNK`] records per round trip; failed users go back to the dirty set.
     /// Returns whether everything was written.
-    async fn write(&self, users: HashSet<UserId>, held: &mut HashSet<UserId>) -> bool {
+    async fn write(&self, users: HashSet<UserId>, records: &mut Records) -> bool {
         let users: Vec<UserId> = users.into_iter().collect();
         let mut all_written = true;
         for chunk in users.chunks(WRITE_CHUNK) {
-            all_written &= self.write_chunk(chunk, held).await;
+            all_written &= self.write_chunk(chunk, records).await;
         }
         all_written
     }
 
-    async fn write_chunk(&self, users: &[UserId], held: &mut HashSet<UserId>) -> bool {
+    async fn write_chunk(&self, users: &[UserId], records: &mut Records) -> bool {
         // Publish the whole chunk before awaiting any acknowledgement: JetStream applies them in order and
         // one round trip covers them all.
         let mut pending = Vec::with_capacity(users.len());
@@ -263,12 +285,7 @@ impl Writer {
         });
         for (user, online, result) in join_all(acks).await {
             match result {
-                Ok(()) if online => {
-                    held.insert(user);
-                }
-                Ok(()) => {
-                    held.remove(&user);
-                }
+                Ok(()) => records.written(user, online),
                 Err(error) => {
                     all_written = false;
                     self.metrics
@@ -289,6 +306,74 @@ impl Writer {
         self.metrics.presence_local_users.store(held, Relaxed);
         self.metrics.presence_online_users.store(online, Relaxed);
     }
+}
+
+/// The records this instance holds in the bucket, and when each is due for a rewrite.
+#[derive(Debug)]
+struct Records {
+    held: HashSet<UserId>,
+    rotation: Rotation,
+}
+
+impl Records {
+    fn written(&mut self, user: UserId, online: bool) {
+        if !online {
+            self.held.remove(&user);
+        } else if self.held.insert(user) {
+            self.rotation.add(user);
+        }
+    }
+}
+
+/// Hands out the local users in slices, so that each is due once per refresh period. A user's slice is
+/// fixed by its id, so consecutive rewrites of a record are one period apart however the set changes.
+#[derive(Debug)]
+struct Rotation {
+    slice_interval: Duration,
+    /// Users of the current period, by slice; refilled when the period begins.
+    slices: Vec<Vec<UserId>>,
+    next: usize,
+}
+
+impl Rotation {
+    fn new(period: Duration) -> Self {
+        let count = (period.as_millis() / REFRESH_SLICE.as_millis()).max(1);
+        let count = usize::try_from(count).unwrap_or(usize::MAX);
+        Self {
+            slice_interval: period / u32::try_from(count).unwrap_or(u32::MAX),
+            slices: vec![Vec::new(); count],
+            next: 0,
+        }
+    }
+
+    /// A record written for the first time: if its slice is still ahead in this period, it is rewritten
+    /// there (otherwise the next period's first slice takes it in), so no rewrite is more than a period
+    /// after the first write.
+    fn add(&mut self, user: UserId) {
+        let slice = slice_of(user, self.slices.len());
+        if self.next != 0 && slice >= self.next {
+            self.slices[slice].push(user);
+        }
+    }
+
+    /// The next slice's users; at the first slice of a period, `users` is asked for the current set.
+    fn next_slice(&mut self, users: impl FnOnce() -> Vec<UserId>) -> Vec<UserId> {
+        let count = self.slices.len();
+        if self.next == 0 {
+            for user in users() {
+                self.slices[slice_of(user, count)].push(user);
+            }
+        }
+        let slice = std::mem::take(&mut self.slices[self.next]);
+        self.next = (self.next + 1) % count;
+        slice
+    }
+}
+
+/// A user's slice: ids are often consecutive, so they are spread by a multiplicative hash first.
+fn slice_of(user: UserId, count: usize) -> usize {
+    let spread = user.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    usize::try_from(spread % count as u64).unwrap_or(0)
 }
 
 fn ttl_headers(ttl: Duration) -> HeaderMap {
@@ -410,5 +495,92 @@ mod tests {
         ] {
             assert_eq!(parse_record_key(key), None, "{key:?}");
         }
+    }
+
+    #[test]
+    fn a_period_s_slices_hold_every_user_once_spread_evenly() {
+        let mut rotation = Rotation::new(REFRESH_SLICE * 100);
+        assert_eq!(rotation.slices.len(), 100);
+        assert_eq!(rotation.slice_interval, REFRESH_SLICE);
+        let users: Vec<UserId> = (1..=10_000).map(UserId::new).collect();
+        let mut position = std::collections::HashMap::new();
+        for period in 0..2 {
+            let mut seen = HashSet::new();
+            for slice in 0..100 {
+                let due = rotation.next_slice(|| users.clone());
+                // Consecutive ids spread out: about 100 per slice, none far off.
+                assert!(
+                    (60..=140).contains(&due.len()),
+                    "slice {slice}: {}",
+                    due.len()
+                );
+                for user in due {
+                    assert!(seen.insert(user), "{user} twice in a period");
+                    // The same slice in every period: rewrites stay one period apart.
+                    assert_eq!(
+                        *position.entry(user).or_insert(slice),
+                        slice,
+                        "period {period}"
+                    );
+                }
+            }
+            assert_eq!(seen.len(), users.len());
+        }
+    }
+
+    #[test]
+    fn users_are_taken_once_per_period_at_its_first_slice() {
+        let mut rotation = Rotation::new(REFRESH_SLICE * 10);
+        assert_eq!(rotation.slices.len(), 10);
+        let mut asked = 0;
+        let mut due = Vec::new();
+        for _ in 0..10 {
+            due.extend(rotation.next_slice(|| {
+                asked += 1;
+                vec![UserId::new(7)]
+            }));
+        }
+        assert_eq!((asked, due), (1, vec![UserId::new(7)]));
+        // A short period still has at least one slice.
+        let mut tiny = Rotation::new(REFRESH_SLICE / 2);
+        assert_eq!(
+            tiny.next_slice(|| vec![UserId::new(1)]),
+            vec![UserId::new(1)]
+        );
+        assert_eq!(
+            tiny.next_slice(|| vec![UserId::new(2)]),
+            vec![UserId::new(2)]
+        );
+    }
+
+    #[test]
+    fn a_new_record_is_due_within_a_period_of_its_first_write() {
+        let mut rotation = Rotation::new(REFRESH_SLICE * 100);
+        let count = rotation.slices.len();
+        let ahead = (1..)
+            .map(UserId::new)
+            .find(|&u| slice_of(u, count) > count / 2)
+            .unwrap();
+        let behind = (1..)
+            .map(UserId::new)
+            .find(|&u| slice_of(u, count) < count / 2)
+            .unwrap();
+        let mut handed = Vec::new();
+        for _ in 0..count / 2 {
+            handed.extend(rotation.next_slice(Vec::new));
+        }
+        // Written halfway through the period: one still has its slice ahead, the other's has passed.
+        rotation.add(ahead);
+        rotation.add(behind);
+        for _ in count / 2..count {
+            handed.extend(rotation.next_slice(Vec::new));
+        }
+        assert_eq!(handed, vec![ahead]);
+        // The next period's set includes both, each in its own slice.
+        let mut next = Vec::new();
+        for _ in 0..count {
+            next.extend(rotation.next_slice(|| vec![ahead, behind]));
+        }
+        assert_eq!(next, vec![behind, ahead]);
     }
 }
