@@ -75,6 +75,15 @@ pub struct Settings {
     pub log: LogSettings,
     #[serde(default)]
     pub telemetry: TelemetrySettings,
+    #[serde(default)]
+    pub runtime: RuntimeSettings,
+}
+
+/// The async runtime.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct RuntimeSettings {
+    /// Worker threads; one per CPU the process may use when unset.
+    pub worker_threads: Option<usize>,
 }
 
 /// OpenTelemetry trace export (OTLP over HTTP/protobuf). Off unless an endpoint is configured here or in
@@ -326,6 +335,12 @@ impl Settings {
         }
         if self.presence.replicas == 0 || self.presence.replicas > 5 {
             return Err(invalid("presence.replicas", "must be between 1 and 5"));
+        }
+        if matches!(self.runtime.worker_threads, Some(n) if n == 0 || n > 1024) {
+            return Err(invalid(
+                "runtime.worker_threads",
+                "must be between 1 and 1024 (unset: one per CPU)",
+            ));
         }
         match &self.node.id {
             Some(id) if !is_key_token(id) || id.len() > MAX_NODE_ID_BYTES => {

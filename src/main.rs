@@ -97,7 +97,11 @@ fn serve(settings: Settings) -> ExitCode {
              Set EPOCH_GATEWAY__AUTH__SECRET (required when environment = production)."
         );
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = settings.runtime.worker_threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             tracing::error!(%error, "cannot start the async runtime");
