@@ -20,6 +20,9 @@ pub const ENV_PREFIX: &str = "EPOCH_GATEWAY";
 /// development Epochtalk server work here too. Refused in production.
 pub const DEV_SECRET: &str = "Secret key. You can use `mix guardian.gen.secret` to get one";
 
+/// The secret the deployment files under `deploy/` ship with, to be replaced. Refused in production.
+pub const PLACEHOLDER_SECRET: &str = "change-me";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Environment {
@@ -282,6 +285,12 @@ impl Settings {
                 return Err(invalid(
                     "auth.secret",
                     "the development secret is refused in production",
+                ));
+            }
+            (Some(secret), Environment::Production) if secret.expose() == PLACEHOLDER_SECRET => {
+                return Err(invalid(
+                    "auth.secret",
+                    "is the deployment files' placeholder 'change-me'; set the forum's Guardian secret",
                 ));
             }
             (None, Environment::Production) => {

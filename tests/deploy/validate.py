@@ -8,7 +8,8 @@
   gateway: the keys come from `epoch-gateway check-config` (its JSON, flattened to
   EPOCH_GATEWAY__SECTION__KEY), so a renamed or misspelt variable fails here;
 - the env files and the Kubernetes ConfigMap are accepted by `check-config` as the container sees them
-  (with the image's config file), and production files hold only the `change-me` placeholder secret;
+  (with the image's config file); production files hold only the `change-me` placeholder secret, which
+  `check-config` refuses, and are accepted once it is replaced;
 - the Dockerfile's cargo build is --locked and --release, with arguments CI's release build also uses;
   docker-compose.yml's mounted files exist and the load balancer and Prometheus name its gateway services; the Deployment's grace period covers
   preStop + drain + grace.
@@ -33,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 NAME_RE = re.compile(r"\bEPOCH_GATEWAY__[A-Z0-9][A-Z0-9_]*")
 PLACEHOLDER_SECRET = "change-me"
+# What an operator puts in place of the placeholder (a `mix guardian.gen.secret`-sized value).
+DEPLOYED_SECRET = "k" * 64
 
 try:
     import yaml
@@ -210,11 +213,15 @@ def check_env_files(binary: Path, docs: dict[Path, list]) -> None:
     for p in sorted((DEPLOY / "env").glob("*.env")):
         env = read_env_file(p)
         env.setdefault("EPOCH_GATEWAY__NODE__ID", "gateway-1")
-        code, out = check_config(binary, env, image_config)
-        check(f"{rel(p)} is accepted by check-config (with the image's config file)", code == 0, out.strip())
         if env.get("EPOCH_GATEWAY__ENVIRONMENT") == "production":
             secret = env.get("EPOCH_GATEWAY__AUTH__SECRET")
             check(f"{rel(p)} holds only the placeholder secret", secret == PLACEHOLDER_SECRET, "not `change-me`")
+            code, out = check_config(binary, env, image_config)
+            check(f"{rel(p)} as shipped is refused by check-config (placeholder secret)",
+                  code != 0 and "auth.secret" in out, out.strip())
+            env["EPOCH_GATEWAY__AUTH__SECRET"] = DEPLOYED_SECRET
+        code, out = check_config(binary, env, image_config)
+        check(f"{rel(p)} is accepted by check-config (with the image's config file)", code == 0, out.strip())
 
     k8s = DEPLOY / "k8s"
     cm = next((d for d in docs.get(k8s / "configmap.yaml", []) if d and d.get("kind") == "ConfigMap"), None)
@@ -223,6 +230,10 @@ def check_env_files(binary: Path, docs: dict[Path, list]) -> None:
         env = {k: str(v) for k, v in cm["data"].items()}
         env.update({k: str(v) for k, v in secret["stringData"].items()})
         env["EPOCH_GATEWAY__NODE__ID"] = "epoch-gateway-5d8f7c9b4-x7k2p"  # a pod name
+        code, out = check_config(binary, env, image_config)
+        check("deploy/k8s ConfigMap + Secret as shipped are refused by check-config (placeholder secret)",
+              code != 0 and "auth.secret" in out, out.strip())
+        env["EPOCH_GATEWAY__AUTH__SECRET"] = DEPLOYED_SECRET
         code, out = check_config(binary, env, image_config)
         check("deploy/k8s ConfigMap + Secret are accepted by check-config (with the image's config file)",
               code == 0, out.strip())

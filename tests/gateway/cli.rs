@@ -100,7 +100,7 @@ fn bad_configuration_names_the_key_and_the_problem() {
         ("EPOCH_GATEWAY__ENVIRONMENT", "production"),
         ("EPOCH_GATEWAY__AUTH__SECRET", "s3cret"),
     ];
-    let cases: [(&[(&str, &str)], &str); 9] = [
+    let cases: [(&[(&str, &str)], &str); 10] = [
         (&production, "EPOCH_GATEWAY__HTTP__ALLOWED_ORIGINS"),
         (
             &[(
@@ -132,6 +132,14 @@ fn bad_configuration_names_the_key_and_the_problem() {
         (
             &[("EPOCH_GATEWAY__ENVIRONMENT", "production")],
             "EPOCH_GATEWAY__AUTH__SECRET",
+        ),
+        (
+            &[
+                ("EPOCH_GATEWAY__ENVIRONMENT", "production"),
+                ("EPOCH_GATEWAY__HTTP__ALLOWED_ORIGINS", "forum.example"),
+                ("EPOCH_GATEWAY__AUTH__SECRET", "change-me"),
+            ],
+            "placeholder",
         ),
         (
             &[("EPOCH_GATEWAY__RUNTIME__WORKER_THREADS", "0")],
