@@ -210,11 +210,15 @@ pub enum ConfigError {
     },
 }
 
+/// The environment variable that sets `key` (`presence.ttl_secs` → `EPOCH_GATEWAY__PRESENCE__TTL_SECS`).
+pub fn env_var(key: &str) -> String {
+    format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_uppercase())
+}
+
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    let env = format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_uppercase());
     ConfigError::Invalid {
         key,
-        env,
+        env: env_var(key),
         problem: problem.into(),
     }
 }

@@ -184,8 +184,7 @@ fn parse_setting(text: &str) -> Result<(String, String), String> {
             "{key:?} is not a configuration key like runtime.worker_threads"
         ));
     }
-    let name = format!("EPOCH_GATEWAY__{}", key.replace('.', "__").to_uppercase());
-    Ok((name, value.to_owned()))
+    Ok((epoch_gateway::config::env_var(key), value.to_owned()))
 }
 
 // ---------------------------------------------------------------------------------------------------------
