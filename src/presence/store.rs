@@ -194,9 +194,7 @@ impl Writer {
                 () = stop.cancelled() => break,
                 () = self.presence.dirty_notify.notified() => {}
                 _ = refresh.tick() => {
-                    let slice = records.rotation.next_slice(|| self.presence.local_users());
-                    // Users who left since the period began were purged when they left.
-                    let due: Vec<UserId> = slice.into_iter().filter(|&user| self.presence.is_local(user)).collect();
+                    let due = records.due();
                     if !due.is_empty() {
                         self.presence.mark_dirty(due);
                     }
@@ -316,6 +314,16 @@ struct Records {
 }
 
 impl Records {
+    /// The records due for a rewrite in this slice of the period.
+    fn due(&mut self) -> Vec<UserId> {
+        let mut due = self
+            .rotation
+            .next_slice(|| self.held.iter().copied().collect());
+        // Records purged since the period began (their users left) are not rewritten.
+        due.retain(|user| self.held.contains(user));
+        due
+    }
+
     fn written(&mut self, user: UserId, online: bool) {
         if !online {
             self.held.remove(&user);
