@@ -508,12 +508,15 @@ impl Bench {
         // Every record must still be there: a record that was not refreshed has expired.
         let alive = kv_state(&self.js).await?.1;
         let expected = users as f64 / period.as_secs_f64();
+        // Rewrites flow evenly, in 10 ms slices, so a window that ends a moment after `periods` periods
+        // (the time to read the stream's sequence) holds that moment's writes too: up to 50 ms of slack.
+        let edge = 0.05 / (period.as_secs_f64() * f64::from(self.args.periods));
         #[rustfmt::skip]
         let rows = [
             row("kv_writes_per_sec", format!("KV writes/s, {users} users × 1 socket"), per_sec, 1, format!("≈ N/period = {expected:.1}"), None),
-            row("kv_writes_per_user_period", "  … per user per refresh period", per_user, 3, "≤ 1", Some(per_user <= 1.0 + 1e-9)),
+            row("kv_writes_per_user_period", "  … per user per refresh period", per_user, 3, "≤ 1 (+ edge)", Some(per_user <= 1.0 + edge)),
             row("kv_writes_per_sec_dup", format!("KV writes/s, {dup} of them × 2 sockets"), dup_per_sec, 1, format!("≈ {expected:.1}, not per socket"), None),
-            row("kv_writes_per_user_period_dup", "  … per user per refresh period", dup_per_user, 3, "≤ 1", Some(dup_per_user <= 1.0 + 1e-9)),
+            row("kv_writes_per_user_period_dup", "  … per user per refresh period", dup_per_user, 3, "≤ 1 (+ edge)", Some(dup_per_user <= 1.0 + edge)),
             row("kv_live_records", format!("  … live records after both windows (of {users})"), alive as f64, 0, "= N (none expired)", Some(alive == users)),
             row("a_kib_per_socket", format!("A RSS per held socket, {users} sockets (KiB)"), a_per_socket / 1024.0, 1, "— (side figure)", None),
         ];
