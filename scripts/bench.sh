@@ -40,7 +40,7 @@ if [ "$smoke" = 1 ]; then
   run smoke-broadcast-latency broadcast-latency "${small[@]}" --secs 2
   run smoke-per-user per-user "${small[@]}" --rates 500 --secs 2
   run smoke-reconnect reconnect "${small[@]}"
-  run smoke-is-online is-online --targets gateway "${small[@]}" --rates 500 --per-user-rate 200 --secs 2
+  run smoke-is-online is-online --targets gateway "${small[@]}" --rates 500 --per-user-rate 200 --secs 2 --repeats 2
   run smoke-soak soak --targets gateway "${small[@]}" --per-user-rate 200 --secs 4 --sample-secs 2
   echo
   echo "smoke: every scenario ran; reports in $out/smoke-*.json"

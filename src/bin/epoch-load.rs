@@ -136,6 +136,9 @@ struct Args {
     /// soak: the per-user rate of the whole run.
     #[arg(long, default_value_t = 5000.0)]
     per_user_rate: f64,
+    /// is-online: rounds of windows (alone, then heartbeats and queries at each rate), pooled per condition.
+    #[arg(long, default_value_t = 3)]
+    repeats: u32,
     /// soak: seconds per sampling window.
     #[arg(long, default_value_t = 30.0)]
     sample_secs: f64,
@@ -284,7 +287,16 @@ struct Latency {
 }
 
 fn latency(before: &[u64], after: &[u64]) -> Latency {
-    let counts: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    percentiles(&counts_between(before, after))
+}
+
+/// The counts recorded between two snapshots of a [`Histogram`].
+fn counts_between(before: &[u64], after: &[u64]) -> Vec<u64> {
+    after.iter().zip(before).map(|(a, b)| a - b).collect()
+}
+
+/// Percentiles (in ms) of a histogram's counts.
+fn percentiles(counts: &[u64]) -> Latency {
     let total: u64 = counts.iter().sum();
     let quantile = |q: f64| {
         if total == 0 {
@@ -593,7 +605,10 @@ async fn hold(mut ws: Ws, kind: Kind, stats: Arc<Stats>, stop: CancellationToken
                 next_query.as_mut().reset(tokio::time::Instant::now() + phase);
             }
             () = &mut next_query, if period > 0 => {
-                next_query.as_mut().reset(tokio::time::Instant::now() + Duration::from_micros(period));
+                // On schedule from the last deadline, so the sockets together send the offered rate; a socket
+                // that fell behind skips ahead instead of sending a burst.
+                let due = next_query.deadline() + Duration::from_micros(period);
+                next_query.as_mut().reset(due.max(tokio::time::Instant::now()));
                 let user = rng.below(stats.query_users.load(Ordering::Relaxed).max(1)) + 1;
                 let frame = if stats.query_heartbeats.load(Ordering::Relaxed) {
                     format!("[null,\"h{}\",\"phoenix\",\"heartbeat\",{{}}]", now_us())
@@ -1069,7 +1084,7 @@ async fn run_per_user(args: &Args, target: &Target) -> Result<Value> {
     Ok(report)
 }
 
-/// Per-user messages at `rate` for `secs`: (sent, delivered, latency of the deliveries).
+/// Per-user messages at `rate` for `secs`: (sent, delivered, latency counts of the deliveries).
 async fn per_user_window(
     args: &Args,
     target: &Target,
@@ -1077,7 +1092,7 @@ async fn per_user_window(
     rate: f64,
     seq: u64,
     users: u64,
-) -> Result<(u64, u64, Latency)> {
+) -> Result<(u64, u64, Vec<u64>)> {
     let hist = stats.latency.snapshot();
     let count = stats.delivered.load(Ordering::Relaxed);
     let rng = Mutex::new(Rng(0x2545_F491_4F6C_DD1D));
@@ -1088,18 +1103,22 @@ async fn per_user_window(
     .await?;
     drain(stats, Duration::from_secs(10)).await;
     let delivered = stats.delivered.load(Ordering::Relaxed) - count;
-    Ok((sent, delivered, latency(&hist, &stats.latency.snapshot())))
+    Ok((
+        sent,
+        delivered,
+        counts_between(&hist, &stats.latency.snapshot()),
+    ))
 }
 
-/// One is-online measurement: client frames at `rate`/s from all sockets alongside per-user messages.
+/// One is-online window: client frames at `rate`/s from all sockets alongside per-user messages.
 struct QueryWindow {
-    frames: u64,
     frames_per_sec: f64,
-    answers: Latency,
+    /// Round trips of the `is_online` answers (empty for heartbeats).
+    answers: Vec<u64>,
     wrong: u64,
     sent: u64,
     delivered: u64,
-    per_user: Latency,
+    per_user: Vec<u64>,
     cpu_percent: f64,
 }
 
@@ -1115,34 +1134,99 @@ async fn query_window(
     users: u64,
 ) -> Result<QueryWindow> {
     stats.query_heartbeats.store(heartbeats, Ordering::Relaxed);
+    // Every socket sends once per period: N / rate seconds.
+    let period = (held.opened as f64 / rate * 1e6) as u64;
+    stats.query_period_us.send_replace(period.max(1));
+    // The frames ramp up over one period (random phases), then per-user messages flow alongside; the rate
+    // sent and the CPU are taken over that part only.
+    tokio::time::sleep(Duration::from_micros(period)).await;
     let rtt = stats.query_rtt.snapshot();
     let (queries, wrong) = (
         stats.queries.load(Ordering::Relaxed),
         stats.query_wrong.load(Ordering::Relaxed),
     );
     let from = sample(target.pid)?;
-    // Every socket sends once per period: N / rate seconds.
-    let period = (held.opened as f64 / rate * 1e6) as u64;
-    stats.query_period_us.send_replace(period.max(1));
-    // The frames ramp up over one period (random phases), then per-user messages flow alongside.
-    tokio::time::sleep(Duration::from_micros(period)).await;
     let (sent, delivered, per_user) =
         per_user_window(args, target, stats, args.per_user_rate, seq, users).await?;
-    stats.query_period_us.send_replace(0);
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let to = sample(target.pid)?;
-    let secs = to.at.duration_since(from.at).as_secs_f64();
     let frames = stats.queries.load(Ordering::Relaxed) - queries;
+    stats.query_period_us.send_replace(0);
+    // Answers still in flight land in this window.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(QueryWindow {
-        frames,
-        frames_per_sec: frames as f64 / secs,
-        answers: latency(&rtt, &stats.query_rtt.snapshot()),
+        frames_per_sec: frames as f64 / to.at.duration_since(from.at).as_secs_f64(),
+        answers: counts_between(&rtt, &stats.query_rtt.snapshot()),
         wrong: stats.query_wrong.load(Ordering::Relaxed) - wrong,
         sent,
         delivered,
         per_user,
         cpu_percent: cpu_percent(from, to),
     })
+}
+
+/// Latency counts of one condition pooled over the rounds, with each window's p99 kept for the spread.
+#[derive(Default)]
+struct Pooled {
+    counts: Vec<u64>,
+    window_p99_ms: Vec<f64>,
+}
+
+impl Pooled {
+    fn add(&mut self, counts: &[u64]) {
+        self.counts.resize(counts.len(), 0);
+        for (total, count) in self.counts.iter_mut().zip(counts) {
+            *total += count;
+        }
+        self.window_p99_ms.push(percentiles(counts).p99_ms);
+    }
+
+    fn latency(&self) -> Latency {
+        percentiles(&self.counts)
+    }
+}
+
+/// What one offered rate of client frames gathered over the rounds, for queries or for heartbeats.
+#[derive(Default)]
+struct FrameLoad {
+    per_user: Pooled,
+    answers: Pooled,
+    frames_per_sec: Vec<f64>,
+    cpu_percent: Vec<f64>,
+    wrong: u64,
+    sent: u64,
+    delivered: u64,
+}
+
+impl FrameLoad {
+    fn add(&mut self, window: &QueryWindow) {
+        self.per_user.add(&window.per_user);
+        if window.answers.iter().any(|&c| c > 0) {
+            self.answers.add(&window.answers);
+        }
+        self.frames_per_sec.push(window.frames_per_sec);
+        self.cpu_percent.push(window.cpu_percent);
+        self.wrong += window.wrong;
+        self.sent += window.sent;
+        self.delivered += window.delivered;
+    }
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+/// The windows of one round: the per-user load alone, then for each rate heartbeats (the control: client
+/// frames that touch no presence) and `is_online` queries. Odd rounds run in the reverse order, so that a
+/// drift over the run weighs on every condition alike.
+fn round_order(round: u32, rates: usize) -> Vec<Option<(usize, bool)>> {
+    let mut order = vec![None];
+    for rate in 0..rates {
+        order.extend([Some((rate, true)), Some((rate, false))]);
+    }
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
 }
 
 async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
@@ -1155,55 +1239,88 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
     let start = sample(target.pid)?;
     let users = held.opened.max(1);
     stats.query_users.store(users, Ordering::Relaxed);
-    let (sent, delivered, quiet) =
-        per_user_window(args, target, &stats, args.per_user_rate, 0, users).await?;
+    let mut alone = Pooled::default();
+    let (mut alone_sent, mut alone_delivered) = (0, 0);
+    let mut loads: Vec<[FrameLoad; 2]> = args.rates.iter().map(|_| Default::default()).collect();
+    let mut seq = 0;
+    for round in 0..args.repeats {
+        for window in round_order(round, args.rates.len()) {
+            let label = format!("  round {}/{}:", round + 1, args.repeats);
+            let Some((i, heartbeats)) = window else {
+                let (sent, delivered, counts) =
+                    per_user_window(args, target, &stats, args.per_user_rate, seq, users).await?;
+                seq += sent;
+                (alone_sent, alone_delivered) = (alone_sent + sent, alone_delivered + delivered);
+                alone.add(&counts);
+                println!(
+                    "{label} per-user {} msg/s alone: {delivered} of {sent} delivered, p99 {:.3} ms",
+                    args.per_user_rate,
+                    percentiles(&counts).p99_ms
+                );
+                continue;
+            };
+            let rate = args.rates[i];
+            let w = query_window(args, target, &stats, &held, rate, heartbeats, seq, users).await?;
+            seq += w.sent;
+            let what = if heartbeats { "heartbeats" } else { "queries" };
+            let answers = if heartbeats {
+                String::new()
+            } else {
+                let a = percentiles(&w.answers);
+                format!(
+                    "answers p50 {:.3} ms p99 {:.3} ms, {} not online; ",
+                    a.p50_ms, a.p99_ms, w.wrong
+                )
+            };
+            println!(
+                "{label} {rate:.0} {what}/s offered ({:.0}/s sent): {answers}per-user p99 {:.3} ms ({} of {}), server cpu {:.0} %",
+                w.frames_per_sec,
+                percentiles(&w.per_user).p99_ms,
+                w.delivered,
+                w.sent,
+                w.cpu_percent,
+            );
+            loads[i][usize::from(!heartbeats)].add(&w);
+        }
+    }
+    let alone_latency = alone.latency();
     println!(
-        "  per-user {} msg/s alone: {delivered} of {sent} delivered, p99 {:.3} ms",
-        args.per_user_rate, quiet.p99_ms
+        "  pooled over {} rounds: per-user alone p99 {:.3} ms (windows {:?})",
+        args.repeats, alone_latency.p99_ms, alone.window_p99_ms
     );
     let mut points = Vec::new();
-    let mut seq = sent;
-    for &rate in &args.rates {
-        // The control first: the same frames as heartbeats, which touch no presence.
-        let control = query_window(args, target, &stats, &held, rate, true, seq, users).await?;
-        seq += control.sent;
-        let queries = query_window(args, target, &stats, &held, rate, false, seq, users).await?;
-        seq += queries.sent;
+    for (rate, [control, queries]) in args.rates.iter().zip(&loads) {
+        let (q, c) = (queries.per_user.latency(), control.per_user.latency());
         println!(
-            "  {rate:>7.0} queries/s offered ({:.0}/s sent): {} answers, p50 {:.3} ms p99 {:.3} ms p999 {:.3} ms, {} not online; \
-             per-user p99 {:.3} ms ({} of {}), server cpu {:.0} %; with heartbeats instead: per-user p99 {:.3} ms, server cpu {:.0} %",
-            queries.frames_per_sec,
-            queries.answers.samples,
-            queries.answers.p50_ms,
-            queries.answers.p99_ms,
-            queries.answers.p999_ms,
-            queries.wrong,
-            queries.per_user.p99_ms,
-            queries.delivered,
-            queries.sent,
-            queries.cpu_percent,
-            control.per_user.p99_ms,
-            control.cpu_percent,
+            "  pooled, {rate:.0}/s offered: answers p99 {:.3} ms; per-user p99 with queries {:.3} ms (windows {:?}), \
+             with heartbeats {:.3} ms (windows {:?})",
+            queries.answers.latency().p99_ms,
+            q.p99_ms,
+            queries.per_user.window_p99_ms,
+            c.p99_ms,
+            control.per_user.window_p99_ms,
         );
         points.push(json!({
-            "rate_queries_per_sec": rate, "queries_sent": queries.frames, "queries_per_sec_sent": queries.frames_per_sec,
-            "answers": queries.answers, "not_online": queries.wrong,
-            "per_user_with_queries": queries.per_user, "per_user_sent": queries.sent, "per_user_delivered": queries.delivered,
-            "server_cpu_percent": queries.cpu_percent,
-            "per_user_with_heartbeats": control.per_user, "heartbeats_per_sec_sent": control.frames_per_sec,
-            "server_cpu_percent_with_heartbeats": control.cpu_percent,
+            "rate_queries_per_sec": rate,
+            "queries_per_sec_sent": mean(&queries.frames_per_sec),
+            "answers": queries.answers.latency(), "answers_p99_ms_per_window": queries.answers.window_p99_ms,
+            "not_online": queries.wrong,
+            "per_user_with_queries": q, "per_user_with_queries_p99_ms_per_window": queries.per_user.window_p99_ms,
+            "per_user_sent": queries.sent, "per_user_delivered": queries.delivered,
+            "server_cpu_percent": mean(&queries.cpu_percent),
+            "heartbeats_per_sec_sent": mean(&control.frames_per_sec),
+            "per_user_with_heartbeats": c, "per_user_with_heartbeats_p99_ms_per_window": control.per_user.window_p99_ms,
+            "server_cpu_percent_with_heartbeats": mean(&control.cpu_percent),
+            "per_user_p99_ratio_queries_to_alone": q.p99_ms / alone_latency.p99_ms,
+            "per_user_p99_ratio_heartbeats_to_alone": c.p99_ms / alone_latency.p99_ms,
         }));
     }
-    // The same load alone once more, so that drift over the run shows.
-    let (sent, delivered, after) =
-        per_user_window(args, target, &stats, args.per_user_rate, seq, users).await?;
-    println!(
-        "  per-user {} msg/s alone again: {delivered} of {sent} delivered, p99 {:.3} ms",
-        args.per_user_rate, after.p99_ms
-    );
     let mut report = held_report(&held);
-    report["per_user_alone"] = json!(quiet);
-    report["per_user_alone_after"] = json!(after);
+    report["rounds"] = json!(args.repeats);
+    report["per_user_alone"] = json!(alone_latency);
+    report["per_user_alone_p99_ms_per_window"] = json!(alone.window_p99_ms);
+    report["per_user_alone_sent"] = json!(alone_sent);
+    report["per_user_alone_delivered"] = json!(alone_delivered);
     report["points"] = json!(points);
     finish(&mut report, target, &stats, start)?;
     held.drop_all().await;
@@ -1235,8 +1352,9 @@ async fn run_soak(args: &Args, target: &Target) -> Result<Value> {
     };
     let (mut samples, mut seq, mut lost) = (Vec::new(), 0, 0);
     for window in 1..=windows {
-        let (sent, delivered, lat) =
+        let (sent, delivered, counts) =
             per_user_window(&window_args, target, &stats, args.per_user_rate, seq, users).await?;
+        let lat = percentiles(&counts);
         seq += sent;
         lost += sent.saturating_sub(delivered);
         let now = sample(target.pid)?;
@@ -1453,6 +1571,12 @@ fn headlines(args: &Args, gw: Option<&Value>, base: Option<&Value>) -> Vec<Headl
                     "—",
                     &none,
                 ));
+                rows.push(line(
+                    "  … per-user p99 alongside the queries / alone".into(),
+                    &["points", &i, "per_user_p99_ratio_queries_to_alone"],
+                    "—",
+                    &none,
+                ));
             }
         }
         Scenario::Soak => {
@@ -1555,10 +1679,11 @@ async fn run(args: Args) -> Result<()> {
     );
     ensure!(
         args.rates.iter().all(|&r| r > 0.0)
+            && args.repeats > 0
             && args.secs > 0.0
             && args.step_secs > 0.0
             && args.settle_secs >= 0.0,
-        "rates and durations must be > 0"
+        "rates, repeats and durations must be > 0"
     );
     let auth = Arc::new(Authenticator::new(
         &Secret::new(SECRET),
