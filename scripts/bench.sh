@@ -40,7 +40,7 @@ if [ "$smoke" = 1 ]; then
   run smoke-broadcast-latency broadcast-latency "${small[@]}" --secs 2
   run smoke-per-user per-user "${small[@]}" --rates 500 --secs 2
   run smoke-reconnect reconnect "${small[@]}"
-  run smoke-is-online is-online --targets gateway "${small[@]}" --rates 500 --per-user-rate 200 --secs 2 --repeats 2
+  run smoke-is-online is-online "${small[@]}" --rates 500 --per-user-rate 200 --secs 2 --repeats 2
   run smoke-soak soak --targets gateway "${small[@]}" --per-user-rate 200 --secs 4 --sample-secs 2
   echo
   echo "smoke: every scenario ran; reports in $out/smoke-*.json"
@@ -53,8 +53,8 @@ run broadcast broadcast --sockets 10000 --start-rate 2 --step-factor 1.6 --step-
 run broadcast-latency broadcast-latency --sockets 10000 --secs 30
 run per-user per-user --sockets 10000 --rates 1000,2500,5000,7500,10000 --secs 10
 run reconnect reconnect --sockets 10000
-# No baseline: nats-server has no is_online.
-run is-online is-online --targets gateway --sockets 10000 --rates 5000,10000 --per-user-rate 5000 --secs 10
+# The baseline gets PINGs where the gateway gets heartbeats (the control); it has no is_online.
+run is-online is-online --sockets 10000 --rates 5000,10000 --per-user-rate 5000 --secs 10
 # Ten minutes of per-user load: RSS, file descriptors and threads sampled every 30 s.
 run soak soak --targets gateway --sockets 10000 --per-user-rate 5000 --secs 600 --sample-secs 30
 

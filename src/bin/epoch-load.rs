@@ -16,8 +16,9 @@
 //! The same publisher (async-nats, open-loop at the offered rate) feeds both, and the same receive path
 //! (find `"t":` in the frame, subtract from now) times both, so the ratio compares the servers.
 //!
-//! Scenarios: `idle`, `broadcast`, `broadcast-latency`, `per-user`, `reconnect`, and `is-online` (gateway
-//! only: nats-server has no equivalent); see [`Scenario`]. `scripts/bench.sh` runs them all at the sizes of
+//! Scenarios: `idle`, `broadcast`, `broadcast-latency`, `per-user`, `reconnect`, `is-online` (nats-server
+//! has no `is_online`: its baseline is the control, `PING`s where the gateway gets heartbeats) and `soak`
+//! (gateway only); see [`Scenario`]. `scripts/bench.sh` runs them all at the sizes of
 //! docs/benchmarks.md; `scripts/bench.sh --smoke` runs them small, for CI.
 
 use std::collections::BTreeMap;
@@ -95,7 +96,8 @@ enum Scenario {
     /// N sockets dropped at once and reopened with 3 joins each: time until all are joined again.
     Reconnect,
     /// `is_online` queries from the sockets at each of `--rates` (queries/s) while per-user messages flow at
-    /// `--per-user-rate`: query round trips, and delivery latency with and without the queries. Gateway only.
+    /// `--per-user-rate`: query round trips, and delivery latency with and without the queries. As a control,
+    /// the same rate of frames that need no lookup: heartbeats to the gateway, `PING`s to nats-server.
     IsOnline,
     /// Per-user messages at `--per-user-rate` for `--secs` (10 minutes for the issue's soak), in windows of
     /// `--sample-secs`: the server's RSS, open file descriptors and threads after each window, and the
@@ -136,7 +138,8 @@ struct Args {
     /// soak: the per-user rate of the whole run.
     #[arg(long, default_value_t = 5000.0)]
     per_user_rate: f64,
-    /// is-online: rounds of windows (alone, then heartbeats and queries at each rate), pooled per condition.
+    /// is-online: rounds of windows (alone, then control frames and queries at each rate), pooled per
+    /// condition.
     #[arg(long, default_value_t = 3)]
     repeats: u32,
     /// soak: seconds per sampling window.
@@ -330,11 +333,12 @@ struct Stats {
     reached: Vec<AtomicU32>,
     /// Sockets closed by the server, or broken, while held; by close code (0: no close frame).
     closes: Mutex<BTreeMap<u16, u64>>,
-    /// is-online: microseconds between two queries of one socket (0: no queries), users asked about
-    /// (`1..=query_users`), and the answers' round trips.
+    /// is-online: microseconds between two client frames of one socket (0: none), users asked about
+    /// (`1..=query_users`), and the round trips of the replies (answers, heartbeat replies, `PONG`s).
     query_period_us: tokio::sync::watch::Sender<u64>,
     query_users: AtomicU64,
-    /// Send heartbeats instead of `is_online` queries (the control: same frames, no presence lookup).
+    /// Send the control frame instead of `is_online` queries: a heartbeat to the gateway, `PING` to
+    /// nats-server (a client frame and its reply, no presence lookup).
     query_heartbeats: AtomicBool,
     queries: AtomicU64,
     query_rtt: Histogram,
@@ -360,6 +364,11 @@ impl Stats {
 
     /// A delivered frame or NATS message body: times it by its `"t":` stamp.
     fn on_message(&self, body: &[u8]) {
+        // A reply to a heartbeat sent as the control frame: its ref is "h<send time in µs>".
+        if let Some(sent) = number_after(body, b"[null,\"h") {
+            self.query_rtt.record(now_us().saturating_sub(sent));
+            return;
+        }
         // An is_online reply: its ref is "q<send time in µs>".
         if let Some(sent) = number_after(body, b",\"q") {
             self.query_rtt.record(now_us().saturating_sub(sent));
@@ -593,12 +602,14 @@ async fn hold(mut ws: Ws, kind: Kind, stats: Arc<Stats>, stop: CancellationToken
     let mut rng = Rng(0x9E37_79B9 ^ (fastrand_unit() * 1e9) as u64 | 1);
     let mut period_rx = stats.query_period_us.subscribe();
     let mut period = 0;
+    // nats: send times of the `PING`s not answered yet (the server answers them in order).
+    let mut pings = std::collections::VecDeque::new();
     let next_query = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(next_query);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            Ok(()) = period_rx.changed(), if kind == Kind::Gateway => {
+            Ok(()) = period_rx.changed() => {
                 period = *period_rx.borrow_and_update();
                 // A random phase, so that the sockets' queries spread over the period.
                 let phase = Duration::from_micros(period).mul_f64(fastrand_unit());
@@ -610,13 +621,16 @@ async fn hold(mut ws: Ws, kind: Kind, stats: Arc<Stats>, stop: CancellationToken
                 let due = next_query.deadline() + Duration::from_micros(period);
                 next_query.as_mut().reset(due.max(tokio::time::Instant::now()));
                 let user = rng.below(stats.query_users.load(Ordering::Relaxed).max(1)) + 1;
-                let frame = if stats.query_heartbeats.load(Ordering::Relaxed) {
-                    format!("[null,\"h{}\",\"phoenix\",\"heartbeat\",{{}}]", now_us())
+                let frame = if kind == Kind::Nats {
+                    pings.push_back(now_us());
+                    Message::binary(&b"PING\r\n"[..])
+                } else if stats.query_heartbeats.load(Ordering::Relaxed) {
+                    Message::text(format!("[null,\"h{}\",\"phoenix\",\"heartbeat\",{{}}]", now_us()))
                 } else {
-                    format!("[\"1\",\"q{}\",\"user:public\",\"is_online\",{{\"user_id\":{user}}}]", now_us())
+                    Message::text(format!("[\"1\",\"q{}\",\"user:public\",\"is_online\",{{\"user_id\":{user}}}]", now_us()))
                 };
                 stats.queries.fetch_add(1, Ordering::Relaxed);
-                if ws.send(Message::text(frame)).await.is_err() {
+                if ws.send(frame).await.is_err() {
                     stats.closed(0);
                     return;
                 }
@@ -632,17 +646,22 @@ async fn hold(mut ws: Ws, kind: Kind, stats: Arc<Stats>, stop: CancellationToken
             message = ws.next() => match message {
                 Some(Ok(Message::Text(text))) if kind == Kind::Gateway => stats.on_message(text.as_bytes()),
                 Some(Ok(Message::Binary(data))) if kind == Kind::Nats => {
-                    let mut pings = 0;
+                    let mut server_pings = 0;
                     let fed = parser.feed(&data, |event| match event {
                         NatsEvent::Msg(body) => stats.on_message(body),
-                        NatsEvent::Ping => pings += 1,
-                        _ => {}
+                        NatsEvent::Ping => server_pings += 1,
+                        NatsEvent::Pong => {
+                            if let Some(sent) = pings.pop_front() {
+                                stats.query_rtt.record(now_us().saturating_sub(sent));
+                            }
+                        }
+                        NatsEvent::Err(_) => {}
                     });
                     if fed.is_err() {
                         stats.closed(0);
                         return;
                     }
-                    for _ in 0..pings {
+                    for _ in 0..server_pings {
                         if ws.send(Message::binary(&b"PONG\r\n"[..])).await.is_err() {
                             stats.closed(0);
                             return;
@@ -1113,7 +1132,7 @@ async fn per_user_window(
 /// One is-online window: client frames at `rate`/s from all sockets alongside per-user messages.
 struct QueryWindow {
     frames_per_sec: f64,
-    /// Round trips of the `is_online` answers (empty for heartbeats).
+    /// Round trips of the replies: `is_online` answers, or the control frames' replies.
     answers: Vec<u64>,
     wrong: u64,
     sent: u64,
@@ -1200,9 +1219,7 @@ struct FrameLoad {
 impl FrameLoad {
     fn add(&mut self, window: &QueryWindow) {
         self.per_user.add(&window.per_user);
-        if window.answers.iter().any(|&c| c > 0) {
-            self.answers.add(&window.answers);
-        }
+        self.answers.add(&window.answers);
         self.frames_per_sec.push(window.frames_per_sec);
         self.cpu_percent.push(window.cpu_percent);
         self.wrong += window.wrong;
@@ -1215,13 +1232,17 @@ fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
-/// The windows of one round: the per-user load alone, then for each rate heartbeats (the control: client
-/// frames that touch no presence) and `is_online` queries. Odd rounds run in the reverse order, so that a
-/// drift over the run weighs on every condition alike.
-fn round_order(round: u32, rates: usize) -> Vec<Option<(usize, bool)>> {
+/// The windows of one round: the per-user load alone, then for each rate the control frames (heartbeats
+/// to the gateway, `PING`s to nats-server: a client frame and its reply, no presence lookup) and, on the
+/// gateway, `is_online` queries. Odd rounds run in the reverse order, so that a drift over the run weighs
+/// on every condition alike.
+fn round_order(round: u32, rates: usize, queries: bool) -> Vec<Option<(usize, bool)>> {
     let mut order = vec![None];
     for rate in 0..rates {
-        order.extend([Some((rate, true)), Some((rate, false))]);
+        order.push(Some((rate, true)));
+        if queries {
+            order.push(Some((rate, false)));
+        }
     }
     if round % 2 == 1 {
         order.reverse();
@@ -1230,10 +1251,8 @@ fn round_order(round: u32, rates: usize) -> Vec<Option<(usize, bool)>> {
 }
 
 async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
-    ensure!(
-        target.endpoint.kind == Kind::Gateway,
-        "is-online has no nats-server baseline: use --targets gateway"
-    );
+    let gateway = target.endpoint.kind == Kind::Gateway;
+    let control = if gateway { "heartbeats" } else { "PINGs" };
     let stats = Arc::new(Stats::new());
     let held = open_checked(args, target, &stats).await?;
     let start = sample(target.pid)?;
@@ -1244,7 +1263,7 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
     let mut loads: Vec<[FrameLoad; 2]> = args.rates.iter().map(|_| Default::default()).collect();
     let mut seq = 0;
     for round in 0..args.repeats {
-        for window in round_order(round, args.rates.len()) {
+        for window in round_order(round, args.rates.len(), gateway) {
             let label = format!("  round {}/{}:", round + 1, args.repeats);
             let Some((i, heartbeats)) = window else {
                 let (sent, delivered, counts) =
@@ -1262,16 +1281,17 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
             let rate = args.rates[i];
             let w = query_window(args, target, &stats, &held, rate, heartbeats, seq, users).await?;
             seq += w.sent;
-            let what = if heartbeats { "heartbeats" } else { "queries" };
-            let answers = if heartbeats {
+            let what = if heartbeats { control } else { "queries" };
+            let a = percentiles(&w.answers);
+            let wrong = if heartbeats {
                 String::new()
             } else {
-                let a = percentiles(&w.answers);
-                format!(
-                    "answers p50 {:.3} ms p99 {:.3} ms, {} not online; ",
-                    a.p50_ms, a.p99_ms, w.wrong
-                )
+                format!(", {} not online", w.wrong)
             };
+            let answers = format!(
+                "replies p50 {:.3} ms p99 {:.3} ms{wrong}; ",
+                a.p50_ms, a.p99_ms
+            );
             println!(
                 "{label} {rate:.0} {what}/s offered ({:.0}/s sent): {answers}per-user p99 {:.3} ms ({} of {}), server cpu {:.0} %",
                 w.frames_per_sec,
@@ -1289,31 +1309,44 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
         args.repeats, alone_latency.p99_ms, alone.window_p99_ms
     );
     let mut points = Vec::new();
-    for (rate, [control, queries]) in args.rates.iter().zip(&loads) {
-        let (q, c) = (queries.per_user.latency(), control.per_user.latency());
+    for (rate, [controls, queries]) in args.rates.iter().zip(&loads) {
+        let c = controls.per_user.latency();
         println!(
-            "  pooled, {rate:.0}/s offered: answers p99 {:.3} ms; per-user p99 with queries {:.3} ms (windows {:?}), \
-             with heartbeats {:.3} ms (windows {:?})",
-            queries.answers.latency().p99_ms,
-            q.p99_ms,
-            queries.per_user.window_p99_ms,
+            "  pooled, {rate:.0}/s offered: per-user p99 with {control} {:.3} ms (windows {:?}), their replies p99 {:.3} ms",
             c.p99_ms,
-            control.per_user.window_p99_ms,
+            controls.per_user.window_p99_ms,
+            controls.answers.latency().p99_ms,
         );
-        points.push(json!({
-            "rate_queries_per_sec": rate,
-            "queries_per_sec_sent": mean(&queries.frames_per_sec),
-            "answers": queries.answers.latency(), "answers_p99_ms_per_window": queries.answers.window_p99_ms,
-            "not_online": queries.wrong,
-            "per_user_with_queries": q, "per_user_with_queries_p99_ms_per_window": queries.per_user.window_p99_ms,
-            "per_user_sent": queries.sent, "per_user_delivered": queries.delivered,
-            "server_cpu_percent": mean(&queries.cpu_percent),
-            "heartbeats_per_sec_sent": mean(&control.frames_per_sec),
-            "per_user_with_heartbeats": c, "per_user_with_heartbeats_p99_ms_per_window": control.per_user.window_p99_ms,
-            "server_cpu_percent_with_heartbeats": mean(&control.cpu_percent),
-            "per_user_p99_ratio_queries_to_alone": q.p99_ms / alone_latency.p99_ms,
-            "per_user_p99_ratio_heartbeats_to_alone": c.p99_ms / alone_latency.p99_ms,
-        }));
+        let mut point = json!({
+            "rate_frames_per_sec": rate,
+            "control_frame": control,
+            "control_frames_per_sec_sent": mean(&controls.frames_per_sec),
+            "control_round_trip": controls.answers.latency(),
+            "per_user_with_control": c, "per_user_with_control_p99_ms_per_window": controls.per_user.window_p99_ms,
+            "server_cpu_percent_with_control": mean(&controls.cpu_percent),
+            "per_user_p99_ratio_control_to_alone": c.p99_ms / alone_latency.p99_ms,
+        });
+        if gateway {
+            let q = queries.per_user.latency();
+            println!(
+                "  pooled, {rate:.0}/s offered: per-user p99 with queries {:.3} ms (windows {:?}), answers p99 {:.3} ms",
+                q.p99_ms,
+                queries.per_user.window_p99_ms,
+                queries.answers.latency().p99_ms,
+            );
+            point["queries_per_sec_sent"] = json!(mean(&queries.frames_per_sec));
+            point["answers"] = json!(queries.answers.latency());
+            point["answers_p99_ms_per_window"] = json!(queries.answers.window_p99_ms);
+            point["not_online"] = json!(queries.wrong);
+            point["per_user_with_queries"] = json!(q);
+            point["per_user_with_queries_p99_ms_per_window"] =
+                json!(queries.per_user.window_p99_ms);
+            point["per_user_sent"] = json!(queries.sent);
+            point["per_user_delivered"] = json!(queries.delivered);
+            point["server_cpu_percent"] = json!(mean(&queries.cpu_percent));
+            point["per_user_p99_ratio_queries_to_alone"] = json!(q.p99_ms / alone_latency.p99_ms);
+        }
+        points.push(point);
     }
     let mut report = held_report(&held);
     report["rounds"] = json!(args.repeats);
@@ -1543,10 +1576,7 @@ fn headlines(args: &Args, gw: Option<&Value>, base: Option<&Value>) -> Vec<Headl
         }
         Scenario::IsOnline => {
             rows.push(line(
-                format!(
-                    "per-user {} msg/s without queries: p99 (ms)",
-                    args.per_user_rate
-                ),
+                format!("per-user {} msg/s alone: p99 (ms)", args.per_user_rate),
                 &["per_user_alone", "p99_ms"],
                 "—",
                 &none,
@@ -1560,20 +1590,32 @@ fn headlines(args: &Args, gw: Option<&Value>, base: Option<&Value>) -> Vec<Headl
                     &|g, _| g < 2.0,
                 ));
                 rows.push(line(
-                    "  … per-user p99 alongside (ms)".into(),
+                    format!("  {rate} heartbeats (gateway) / PINGs (nats)/s: reply p99 (ms)"),
+                    &["points", &i, "control_round_trip", "p99_ms"],
+                    "—",
+                    &none,
+                ));
+                rows.push(line(
+                    "  per-user p99 alongside the queries (ms)".into(),
                     &["points", &i, "per_user_with_queries", "p99_ms"],
                     "—",
                     &none,
                 ));
                 rows.push(line(
-                    "  … per-user p99 alongside as many heartbeats (ms)".into(),
-                    &["points", &i, "per_user_with_heartbeats", "p99_ms"],
+                    "  per-user p99 alongside heartbeats / PINGs (ms)".into(),
+                    &["points", &i, "per_user_with_control", "p99_ms"],
                     "—",
                     &none,
                 ));
                 rows.push(line(
-                    "  … per-user p99 alongside the queries / alone".into(),
+                    "  … alongside the queries / alone".into(),
                     &["points", &i, "per_user_p99_ratio_queries_to_alone"],
+                    "no effect",
+                    &|g, _| g <= 1.0,
+                ));
+                rows.push(line(
+                    "  … alongside heartbeats / PINGs / alone".into(),
+                    &["points", &i, "per_user_p99_ratio_control_to_alone"],
                     "—",
                     &none,
                 ));
