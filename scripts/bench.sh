@@ -52,6 +52,8 @@ run idle idle --sockets 19000
 run broadcast broadcast --sockets 10000 --start-rate 2 --step-factor 1.6 --step-secs 4
 run broadcast-latency broadcast-latency --sockets 10000 --secs 30
 run per-user per-user --sockets 10000 --rates 1000,2500,5000,7500,10000 --secs 10
+# The per-user target's rate again, three windows pooled per server (a single window can catch a stall).
+run per-user-5000 per-user --sockets 10000 --rates 5000 --secs 10 --repeats 3
 run reconnect reconnect --sockets 10000
 # The baseline gets PINGs where the gateway gets heartbeats (the control); it has no is_online.
 run is-online is-online --sockets 10000 --rates 5000,10000 --per-user-rate 5000 --secs 10

