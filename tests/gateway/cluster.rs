@@ -55,6 +55,16 @@ async fn online_tab(gw: &Gateway, user: u64) -> PhxClient {
     client
 }
 
+/// The next frame that is not a `probe` event.
+async fn after_probes(client: &mut PhxClient) -> Value {
+    loop {
+        let frame = client.frame().await;
+        if frame[3] != "probe" {
+            return frame;
+        }
+    }
+}
+
 async fn service_request(
     nats: &async_nats::Client,
     subject: String,
@@ -284,11 +294,31 @@ async fn scale_out_an_event_published_on_any_node_reaches_clients_on_every_gatew
     let mut on_b = online_tab(&b, 101).await;
     for (i, url) in cluster.urls.iter().enumerate() {
         let publisher = async_nats::connect(url).await.unwrap();
+        // A node learns of the gateways' subscriptions over the routes, and core NATS drops what it is given
+        // before that: probe until both sockets have had a message from this node.
+        let probe = json!({"event": "probe", "payload": {}}).to_string();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        for client in [&mut on_a, &mut on_b] {
+            loop {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "node {i} never routed to both gateways"
+                );
+                a.publish(&publisher, "public", &probe).await;
+                if client
+                    .next_within(Duration::from_millis(100))
+                    .await
+                    .is_some()
+                {
+                    break;
+                }
+            }
+        }
         let body = json!({"event": "announcement", "payload": {"from_node": i}}).to_string();
         a.publish(&publisher, "public", &body).await;
         let expected = broadcast("user:public", "announcement", json!({"from_node": i}));
-        assert_eq!(on_a.frame().await, expected);
-        assert_eq!(on_b.frame().await, expected);
+        assert_eq!(after_probes(&mut on_a).await, expected);
+        assert_eq!(after_probes(&mut on_b).await, expected);
     }
     // Presence is shared both ways.
     Observer::on(&a)
