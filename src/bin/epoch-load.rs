@@ -378,7 +378,7 @@ impl Stats {
     /// A delivered frame or NATS message body: times it by its `"t":` stamp.
     fn on_message(&self, body: &[u8]) {
         // A reply to a heartbeat sent as the control frame: its ref is "h<send time in µs>".
-        if let Some(sent) = number_after(body, b"[null,\"h") {
+        if let Some(sent) = body.strip_prefix(b"[null,\"h").and_then(leading_number) {
             self.query_rtt.record(now_us().saturating_sub(sent));
             return;
         }
@@ -425,7 +425,12 @@ impl Stats {
 /// The decimal number after the first `key` in `body` (the payloads are written by this tool).
 fn number_after(body: &[u8], key: &[u8]) -> Option<u64> {
     let at = body.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits = body[at..].iter().take_while(|b| b.is_ascii_digit());
+    leading_number(&body[at..])
+}
+
+/// The decimal number `bytes` starts with.
+fn leading_number(bytes: &[u8]) -> Option<u64> {
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit());
     let mut n: u64 = 0;
     let mut any = false;
     for &d in digits {
@@ -1079,64 +1084,39 @@ async fn run_per_user(args: &Args, target: &Target) -> Result<Value> {
     let start = sample(target.pid)?;
     let users = held.opened.max(1);
     let rounds = args.rounds();
-    let mut pooled: Vec<Pooled> = args.rates.iter().map(|_| Pooled::default()).collect();
-    let mut totals = vec![(0u64, 0u64, Vec::new(), Vec::new()); args.rates.len()];
+    let mut per_rate: Vec<RateTotals> = args.rates.iter().map(|_| RateTotals::default()).collect();
     let mut seq = 0;
     for round in 0..rounds {
-        let mut order: Vec<usize> = (0..args.rates.len()).collect();
-        // Odd rounds in the reverse order, so that a drift over the run weighs on every rate alike.
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for i in order {
+        for i in in_round_order(round, (0..args.rates.len()).collect()) {
             let rate = args.rates[i];
-            let hist = stats.latency.snapshot();
-            let count = stats.delivered.load(Ordering::Relaxed);
-            let from = sample(target.pid)?;
-            let tool_from = sample(std::process::id())?;
-            let rng = Mutex::new(Rng(0x2545_F491_4F6C_DD1D));
-            let sent = publish(&target.client, rate, args.secs, seq, |_| {
-                let user = rng.lock().expect("no panics under this lock").below(users) + 1;
-                format!("{PREFIX}.user.{user}")
-            })
-            .await?;
-            let to = sample(target.pid)?;
-            let tool_cpu = cpu_percent(tool_from, sample(std::process::id())?);
-            drain(&stats, Duration::from_secs(10)).await;
-            seq += sent;
-            let delivered = stats.delivered.load(Ordering::Relaxed) - count;
-            let counts = counts_between(&hist, &stats.latency.snapshot());
-            let lat = percentiles(&counts);
-            let round = if rounds > 1 {
+            let w = per_user_window(args, target, &stats, rate, seq, users).await?;
+            seq += w.sent;
+            let lat = percentiles(&w.counts);
+            let label = if rounds > 1 {
                 format!(" (round {}/{rounds})", round + 1)
             } else {
                 String::new()
             };
             println!(
-                "  {rate:>7.0} msg/s{round}: {delivered} of {sent} delivered, p50 {:.3} ms p99 {:.3} ms p999 {:.3} ms, server cpu {:.0} %, tool cpu {tool_cpu:.0} %",
-                lat.p50_ms,
-                lat.p99_ms,
-                lat.p999_ms,
-                cpu_percent(from, to)
+                "  {rate:>7.0} msg/s{label}: {} of {} delivered, p50 {:.3} ms p99 {:.3} ms p999 {:.3} ms, server cpu {:.0} %, tool cpu {:.0} %",
+                w.delivered, w.sent, lat.p50_ms, lat.p99_ms, lat.p999_ms, w.server_cpu, w.tool_cpu
             );
-            pooled[i].add(&counts);
-            let total = &mut totals[i];
-            total.0 += sent;
-            total.1 += delivered;
-            total.2.push(cpu_percent(from, to));
-            total.3.push(tool_cpu);
+            per_rate[i].add(&w);
         }
     }
-    let mut points = Vec::new();
-    for ((rate, pooled), (sent, delivered, cpu, tool_cpu)) in
-        args.rates.iter().zip(&pooled).zip(&totals)
-    {
-        points.push(json!({
-            "rate_msgs_per_sec": rate, "sent": sent, "delivered": delivered, "lost": sent.saturating_sub(*delivered),
-            "latency": pooled.latency(), "p99_ms_per_window": pooled.window_p99_ms,
-            "server_cpu_percent": mean(cpu), "load_tool_cpu_percent": mean(tool_cpu),
-        }));
-    }
+    let points: Vec<Value> = args
+        .rates
+        .iter()
+        .zip(&per_rate)
+        .map(|(rate, t)| {
+            json!({
+                "rate_msgs_per_sec": rate, "sent": t.sent, "delivered": t.delivered,
+                "lost": t.sent.saturating_sub(t.delivered),
+                "latency": t.latency.latency(), "p99_ms_per_window": t.latency.window_p99_ms,
+                "server_cpu_percent": mean(&t.server_cpu), "load_tool_cpu_percent": mean(&t.tool_cpu),
+            })
+        })
+        .collect();
     let mut report = held_report(&held);
     report["rounds"] = json!(rounds);
     report["points"] = json!(points);
@@ -1145,7 +1125,46 @@ async fn run_per_user(args: &Args, target: &Target) -> Result<Value> {
     Ok(report)
 }
 
-/// Per-user messages at `rate` for `secs`: (sent, delivered, latency counts of the deliveries).
+/// One per-user rate's windows over the rounds.
+#[derive(Default)]
+struct RateTotals {
+    latency: Pooled,
+    sent: u64,
+    delivered: u64,
+    server_cpu: Vec<f64>,
+    tool_cpu: Vec<f64>,
+}
+
+impl RateTotals {
+    fn add(&mut self, window: &Window) {
+        self.latency.add(&window.counts);
+        self.sent += window.sent;
+        self.delivered += window.delivered;
+        self.server_cpu.push(window.server_cpu);
+        self.tool_cpu.push(window.tool_cpu);
+    }
+}
+
+/// Odd rounds run their windows in the reverse order, so that a drift over the run weighs on every
+/// window alike.
+fn in_round_order<T>(round: u32, mut windows: Vec<T>) -> Vec<T> {
+    if round % 2 == 1 {
+        windows.reverse();
+    }
+    windows
+}
+
+/// One window of per-user messages: what was sent and delivered, the deliveries' latency counts, and the CPU
+/// of the server and of this tool while publishing.
+struct Window {
+    sent: u64,
+    delivered: u64,
+    counts: Vec<u64>,
+    server_cpu: f64,
+    tool_cpu: f64,
+}
+
+/// Per-user messages at `rate` for `secs`, to uniformly random users, then until the deliveries drain.
 async fn per_user_window(
     args: &Args,
     target: &Target,
@@ -1153,22 +1172,27 @@ async fn per_user_window(
     rate: f64,
     seq: u64,
     users: u64,
-) -> Result<(u64, u64, Vec<u64>)> {
+) -> Result<Window> {
     let hist = stats.latency.snapshot();
     let count = stats.delivered.load(Ordering::Relaxed);
+    let from = sample(target.pid)?;
+    let tool_from = sample(std::process::id())?;
     let rng = Mutex::new(Rng(0x2545_F491_4F6C_DD1D));
     let sent = publish(&target.client, rate, args.secs, seq, |_| {
         let user = rng.lock().expect("no panics under this lock").below(users) + 1;
         format!("{PREFIX}.user.{user}")
     })
     .await?;
+    let server_cpu = cpu_percent(from, sample(target.pid)?);
+    let tool_cpu = cpu_percent(tool_from, sample(std::process::id())?);
     drain(stats, Duration::from_secs(10)).await;
-    let delivered = stats.delivered.load(Ordering::Relaxed) - count;
-    Ok((
+    Ok(Window {
         sent,
-        delivered,
-        counts_between(&hist, &stats.latency.snapshot()),
-    ))
+        delivered: stats.delivered.load(Ordering::Relaxed) - count,
+        counts: counts_between(&hist, &stats.latency.snapshot()),
+        server_cpu,
+        tool_cpu,
+    })
 }
 
 /// One is-online window: client frames at `rate`/s from all sockets alongside per-user messages.
@@ -1207,8 +1231,7 @@ async fn query_window(
         stats.query_wrong.load(Ordering::Relaxed),
     );
     let from = sample(target.pid)?;
-    let (sent, delivered, per_user) =
-        per_user_window(args, target, stats, args.per_user_rate, seq, users).await?;
+    let window = per_user_window(args, target, stats, args.per_user_rate, seq, users).await?;
     let to = sample(target.pid)?;
     let frames = stats.queries.load(Ordering::Relaxed) - queries;
     stats.query_period_us.send_replace(0);
@@ -1218,9 +1241,9 @@ async fn query_window(
         frames_per_sec: frames as f64 / to.at.duration_since(from.at).as_secs_f64(),
         answers: counts_between(&rtt, &stats.query_rtt.snapshot()),
         wrong: stats.query_wrong.load(Ordering::Relaxed) - wrong,
-        sent,
-        delivered,
-        per_user,
+        sent: window.sent,
+        delivered: window.delivered,
+        per_user: window.counts,
         cpu_percent: cpu_percent(from, to),
     })
 }
@@ -1268,6 +1291,15 @@ impl FrameLoad {
         self.sent += window.sent;
         self.delivered += window.delivered;
     }
+
+    fn print_pooled(&self, rate: f64, what: &str) {
+        println!(
+            "  pooled, {rate:.0}/s offered: per-user p99 with {what} {:.3} ms (windows {:?}), replies p99 {:.3} ms",
+            self.per_user.latency().p99_ms,
+            self.per_user.window_p99_ms,
+            self.answers.latency().p99_ms,
+        );
+    }
 }
 
 fn mean(values: &[f64]) -> f64 {
@@ -1276,8 +1308,7 @@ fn mean(values: &[f64]) -> f64 {
 
 /// The windows of one round: the per-user load alone, then for each rate the control frames (heartbeats
 /// to the gateway, `PING`s to nats-server: a client frame and its reply, no presence lookup) and, on the
-/// gateway, `is_online` queries. Odd rounds run in the reverse order, so that a drift over the run weighs
-/// on every condition alike.
+/// gateway, `is_online` queries.
 fn round_order(round: u32, rates: usize, queries: bool) -> Vec<Option<(usize, bool)>> {
     let mut order = vec![None];
     for rate in 0..rates {
@@ -1286,10 +1317,7 @@ fn round_order(round: u32, rates: usize, queries: bool) -> Vec<Option<(usize, bo
             order.push(Some((rate, false)));
         }
     }
-    if round % 2 == 1 {
-        order.reverse();
-    }
-    order
+    in_round_order(round, order)
 }
 
 async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
@@ -1300,8 +1328,7 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
     let start = sample(target.pid)?;
     let users = held.opened.max(1);
     stats.query_users.store(users, Ordering::Relaxed);
-    let mut alone = Pooled::default();
-    let (mut alone_sent, mut alone_delivered) = (0, 0);
+    let mut alone = RateTotals::default();
     let mut loads: Vec<[FrameLoad; 2]> = args.rates.iter().map(|_| Default::default()).collect();
     let mut seq = 0;
     let rounds = args.rounds();
@@ -1309,16 +1336,17 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
         for window in round_order(round, args.rates.len(), gateway) {
             let label = format!("  round {}/{rounds}:", round + 1);
             let Some((i, heartbeats)) = window else {
-                let (sent, delivered, counts) =
+                let w =
                     per_user_window(args, target, &stats, args.per_user_rate, seq, users).await?;
-                seq += sent;
-                (alone_sent, alone_delivered) = (alone_sent + sent, alone_delivered + delivered);
-                alone.add(&counts);
+                seq += w.sent;
                 println!(
-                    "{label} per-user {} msg/s alone: {delivered} of {sent} delivered, p99 {:.3} ms",
+                    "{label} per-user {} msg/s alone: {} of {} delivered, p99 {:.3} ms",
                     args.per_user_rate,
-                    percentiles(&counts).p99_ms
+                    w.delivered,
+                    w.sent,
+                    percentiles(&w.counts).p99_ms
                 );
+                alone.add(&w);
                 continue;
             };
             let rate = args.rates[i];
@@ -1346,20 +1374,15 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
             loads[i][usize::from(!heartbeats)].add(&w);
         }
     }
-    let alone_latency = alone.latency();
+    let alone_latency = alone.latency.latency();
     println!(
         "  pooled over {} rounds: per-user alone p99 {:.3} ms (windows {:?})",
-        rounds, alone_latency.p99_ms, alone.window_p99_ms
+        rounds, alone_latency.p99_ms, alone.latency.window_p99_ms
     );
     let mut points = Vec::new();
     for (rate, [controls, queries]) in args.rates.iter().zip(&loads) {
         let c = controls.per_user.latency();
-        println!(
-            "  pooled, {rate:.0}/s offered: per-user p99 with {control} {:.3} ms (windows {:?}), their replies p99 {:.3} ms",
-            c.p99_ms,
-            controls.per_user.window_p99_ms,
-            controls.answers.latency().p99_ms,
-        );
+        controls.print_pooled(*rate, control);
         let mut point = json!({
             "rate_frames_per_sec": rate,
             "control_frame": control,
@@ -1371,12 +1394,7 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
         });
         if gateway {
             let q = queries.per_user.latency();
-            println!(
-                "  pooled, {rate:.0}/s offered: per-user p99 with queries {:.3} ms (windows {:?}), answers p99 {:.3} ms",
-                q.p99_ms,
-                queries.per_user.window_p99_ms,
-                queries.answers.latency().p99_ms,
-            );
+            queries.print_pooled(*rate, "queries");
             point["queries_per_sec_sent"] = json!(mean(&queries.frames_per_sec));
             point["answers"] = json!(queries.answers.latency());
             point["answers_p99_ms_per_window"] = json!(queries.answers.window_p99_ms);
@@ -1394,9 +1412,9 @@ async fn run_is_online(args: &Args, target: &Target) -> Result<Value> {
     let mut report = held_report(&held);
     report["rounds"] = json!(rounds);
     report["per_user_alone"] = json!(alone_latency);
-    report["per_user_alone_p99_ms_per_window"] = json!(alone.window_p99_ms);
-    report["per_user_alone_sent"] = json!(alone_sent);
-    report["per_user_alone_delivered"] = json!(alone_delivered);
+    report["per_user_alone_p99_ms_per_window"] = json!(alone.latency.window_p99_ms);
+    report["per_user_alone_sent"] = json!(alone.sent);
+    report["per_user_alone_delivered"] = json!(alone.delivered);
     report["points"] = json!(points);
     finish(&mut report, target, &stats, start)?;
     held.drop_all().await;
@@ -1428,8 +1446,12 @@ async fn run_soak(args: &Args, target: &Target) -> Result<Value> {
     };
     let (mut samples, mut seq, mut lost) = (Vec::new(), 0, 0);
     for window in 1..=windows {
-        let (sent, delivered, counts) =
-            per_user_window(&window_args, target, &stats, args.per_user_rate, seq, users).await?;
+        let Window {
+            sent,
+            delivered,
+            counts,
+            ..
+        } = per_user_window(&window_args, target, &stats, args.per_user_rate, seq, users).await?;
         let lat = percentiles(&counts);
         seq += sent;
         lost += sent.saturating_sub(delivered);
