@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::broker::kv::is_key_token;
+use crate::limits::Limits;
+
 /// Environment variable naming an optional configuration file.
 pub const CONFIG_FILE_ENV: &str = "EPOCH_GATEWAY_CONFIG";
 /// Prefix of the environment variables that override single keys.
@@ -80,6 +83,18 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[serde(default)]
     pub runtime: RuntimeSettings,
+    /// Values parsed from the fields above by [`Settings::load`], once.
+    #[serde(skip)]
+    parsed: Parsed,
+}
+
+/// Typed forms of settings that arrive as text.
+#[derive(Debug, Clone, Default)]
+struct Parsed {
+    algorithm: jsonwebtoken::Algorithm,
+    node_id: String,
+    origins: AllowedOrigins,
+    nats_urls: Vec<String>,
 }
 
 /// The async runtime.
@@ -280,7 +295,7 @@ impl Settings {
     }
 
     fn validated(mut self) -> Result<Self, ConfigError> {
-        self.auth_algorithm()?;
+        self.parsed.algorithm = parse_algorithm(&self.auth.algorithm)?;
         match (&self.auth.secret, self.environment) {
             (Some(secret), _) if secret.expose().is_empty() => {
                 return Err(invalid("auth.secret", "must not be empty"));
@@ -319,7 +334,16 @@ impl Settings {
                 "is required in production (list the forum's origins, or * to allow any)",
             ));
         }
-        if self.nats.url.split(',').all(|url| url.trim().is_empty()) {
+        self.parsed.origins = AllowedOrigins::new(&self.http.allowed_origins);
+        self.parsed.nats_urls = self
+            .nats
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if self.parsed.nats_urls.is_empty() {
             return Err(invalid("nats.url", "must name at least one server"));
         }
         if !is_subject_prefix(&self.nats.subject_prefix) {
@@ -368,6 +392,7 @@ impl Settings {
                 self.node.id = Some(format!("gw-{}", &random[..12]));
             }
         }
+        self.parsed.node_id = self.node.id.clone().unwrap_or_default();
         if self.ws.idle_timeout_secs == 0 {
             return Err(invalid("ws.idle_timeout_secs", "must be at least 1"));
         }
@@ -414,20 +439,8 @@ impl Settings {
     }
 
     /// The pinned JWT algorithm.
-    ///
-    /// # Errors
-    /// When `auth.algorithm` is not one of the HMAC algorithms.
-    pub fn auth_algorithm(&self) -> Result<jsonwebtoken::Algorithm, ConfigError> {
-        use jsonwebtoken::Algorithm;
-        match self.auth.algorithm.as_str() {
-            "HS256" => Ok(Algorithm::HS256),
-            "HS384" => Ok(Algorithm::HS384),
-            "HS512" => Ok(Algorithm::HS512),
-            other => Err(invalid(
-                "auth.algorithm",
-                format!("'{other}' is not supported; use HS256, HS384 or HS512"),
-            )),
-        }
+    pub fn auth_algorithm(&self) -> jsonwebtoken::Algorithm {
+        self.parsed.algorithm
     }
 
     /// The signing secret, falling back to [`DEV_SECRET`] outside production.
@@ -438,19 +451,33 @@ impl Settings {
             .unwrap_or_else(|| Secret::new(DEV_SECRET))
     }
 
+    /// This instance's name; random when not configured.
     pub fn node_id(&self) -> &str {
-        // `validated` always fills in a node id.
-        self.node.id.as_deref().expect("node id set by validation")
+        &self.parsed.node_id
     }
 
-    pub fn nats_urls(&self) -> Vec<String> {
-        self.nats
-            .url
-            .split(',')
-            .map(str::trim)
-            .filter(|url| !url.is_empty())
-            .map(str::to_owned)
-            .collect()
+    /// The NATS servers to connect to, in the configured order.
+    pub fn nats_urls(&self) -> &[String] {
+        &self.parsed.nats_urls
+    }
+
+    /// The `Origin` allow-list of the WebSocket endpoint.
+    pub fn allowed_origins(&self) -> &AllowedOrigins {
+        &self.parsed.origins
+    }
+
+    /// Per-socket limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            idle_timeout: self.idle_timeout(),
+            max_message_bytes: self.ws.max_message_bytes,
+            outbound_queue: self.ws.outbound_queue,
+            close_on_expiry: self.auth.close_on_expiry,
+            max_topics: self.ws.max_topics,
+            max_pushes_per_sec: self.ws.max_pushes_per_sec,
+            push_burst: self.ws.push_burst,
+            first_frame_timeout: Duration::from_secs(self.ws.first_frame_timeout_secs),
+        }
     }
 
     pub fn presence_ttl(&self) -> Duration {
@@ -467,6 +494,59 @@ impl Settings {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown.grace_secs)
+    }
+}
+
+fn parse_algorithm(name: &str) -> Result<jsonwebtoken::Algorithm, ConfigError> {
+    use jsonwebtoken::Algorithm;
+    match name {
+        "HS256" => Ok(Algorithm::HS256),
+        "HS384" => Ok(Algorithm::HS384),
+        "HS512" => Ok(Algorithm::HS512),
+        other => Err(invalid(
+            "auth.algorithm",
+            format!("'{other}' is not supported; use HS256, HS384 or HS512"),
+        )),
+    }
+}
+
+/// The `Origin` allow-list (Phoenix's `check_origin`): exact origins, bare hosts, or anything.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedOrigins {
+    any: bool,
+    exact: Vec<String>,
+    hosts: Vec<String>,
+}
+
+impl AllowedOrigins {
+    /// Builds the list from validated configuration entries; an empty list allows any origin.
+    pub fn new(entries: &[String]) -> Self {
+        let mut list = Self {
+            any: entries.is_empty(),
+            ..Self::default()
+        };
+        for entry in entries.iter().map(|e| e.to_ascii_lowercase()) {
+            if entry == "*" {
+                list.any = true;
+            } else if entry.contains("://") {
+                list.exact.push(entry);
+            } else {
+                list.hosts.push(entry);
+            }
+        }
+        list
+    }
+
+    pub fn allows(&self, origin: &str) -> bool {
+        if self.any {
+            return true;
+        }
+        let origin = origin.to_ascii_lowercase();
+        let host = origin
+            .split_once("://")
+            .map(|(_, rest)| rest.rsplit_once(':').map_or(rest, |(host, _)| host));
+        self.exact.contains(&origin)
+            || host.is_some_and(|host| self.hosts.iter().any(|h| h == host))
     }
 }
 
@@ -506,13 +586,6 @@ fn is_origin_pattern(text: &str) -> bool {
             && !host_port.starts_with(':'))
 }
 
-fn is_key_token(text: &str) -> bool {
-    !text.is_empty()
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 fn is_subject_prefix(text: &str) -> bool {
     text.split('.').all(is_key_token)
 }
@@ -528,9 +601,6 @@ mod tests {
         for bad in ["", "a..b", "a.*", "a.>", "a b", ".a"] {
             assert!(!is_subject_prefix(bad), "{bad:?}");
         }
-        assert!(is_key_token("gw-01_a"));
-        assert!(!is_key_token("gw.01"));
-        assert!(!is_key_token("gw/01"));
     }
 
     #[test]
@@ -553,6 +623,21 @@ mod tests {
         ] {
             assert!(!is_origin_pattern(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn origins_match_exactly_or_by_host() {
+        let list =
+            AllowedOrigins::new(&["https://forum.example".to_owned(), "localhost".to_owned()]);
+        assert!(list.allows("https://forum.example"));
+        assert!(list.allows("HTTPS://Forum.Example"));
+        assert!(list.allows("http://localhost:8080"));
+        assert!(!list.allows("http://forum.example"));
+        assert!(!list.allows("https://forum.example.evil"));
+        assert!(!list.allows("https://evil.example"));
+        assert!(!list.allows("null"));
+        assert!(AllowedOrigins::new(&[]).allows("https://anything"));
+        assert!(AllowedOrigins::new(&["*".to_owned()]).allows("null"));
     }
 
     #[test]

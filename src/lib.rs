@@ -14,23 +14,44 @@
 //! ```
 //!
 //! # Layout
-//! - [`config`]: layered settings (defaults → file → `EPOCH_GATEWAY__…`), validated once.
+//! - [`config`]: layered settings (defaults → file → `EPOCH_GATEWAY__…`), validated and parsed once.
 //! - [`protocol`]: the Phoenix V2 wire format and the close-code catalogue; no I/O.
 //! - [`topic`]: user ids and topics, parsed from client topics and NATS subjects.
 //! - [`auth`]: verifying and minting Guardian-shaped JWTs.
+//! - [`limits`]: per-socket limits and the token bucket behind the rate limits.
+//! - [`metrics`], [`telemetry`]: Prometheus exposition and structured logs / traces.
 //! - [`hub`]: local fan-out with a bounded queue per socket; knows neither NATS nor sockets.
-//! - [`broker`]: the NATS connection and ingress (where a NATS message becomes a frame).
-//! - [`presence`]: who is online; [`presence::store`] keeps the KV records and the watch.
+//! - [`broker`]: the NATS connection and its health, [`broker::ingress`] (where a NATS message becomes a
+//!   frame), the KV plumbing and the retry loop shared by presence and revocation.
+//! - [`presence`]: who is online; [`presence::store`] keeps the KV records and the watch,
+//!   [`presence::task`] runs them.
 //! - [`revocation`]: revoked token ids in a KV bucket, followed by a watch; `logout` writes them.
-//! - [`ws`]: the upgrade handler, the per-socket session, and the channel logic.
-//! - [`app`]: wiring, HTTP routes (`/healthz`, `/readyz`, `/metrics`) and ordered shutdown.
-//! - [`limits`]: the token bucket behind the connection and push rate limits.
-//! - [`metrics`], [`telemetry`]: Prometheus text and structured logs.
+//! - [`ws`]: the WebSocket endpoint and the state its sessions share, the per-socket session, the channel
+//!   logic.
+//! - [`http`]: the router (`/socket/websocket`, `/healthz`, `/readyz`, `/metrics`).
+//! - [`app`]: wiring and ordered shutdown.
+//!
+//! # Who may import whom
+//! Each line may use the lines above it and nothing below, so no module imports a module that imports
+//! it. Only `broker`, `presence` and `revocation` name `async_nats`.
+//!
+//! ```text
+//! protocol, topic, limits, metrics   leaves: std and libraries only
+//! hub                                protocol, topic
+//! broker                             hub, metrics, protocol, topic
+//! config                             broker::kv (key tokens), limits
+//! auth, telemetry                    config, topic
+//! presence, revocation               auth, broker, metrics, topic
+//! ws                                 auth, config, hub, limits, metrics, presence, protocol, revocation, topic
+//! http                               broker, metrics, ws
+//! app                                everything above; imported by nobody but `main`
+//! ```
 
 pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod http;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

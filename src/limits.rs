@@ -1,6 +1,21 @@
-//! Rate limits: a token bucket, used per socket (client pushes) and per instance (new connections).
+//! Limits: the per-socket limits from configuration, and the token bucket behind the push rate limit
+//! (per socket) and the new-connection rate limit (per instance).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// Per-socket limits, from configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub outbound_queue: usize,
+    /// Close an authenticated socket when its token expires.
+    pub close_on_expiry: bool,
+    pub max_topics: usize,
+    pub max_pushes_per_sec: u32,
+    pub push_burst: u32,
+    pub first_frame_timeout: Duration,
+}
 
 /// Allows `rate` events per second on average and bursts of up to `burst`.
 #[derive(Debug, Clone)]

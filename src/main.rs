@@ -53,14 +53,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings),
         Command::Token { user, ttl, jti } => {
-            let algorithm = match settings.auth_algorithm() {
-                Ok(algorithm) => algorithm,
-                Err(error) => {
-                    eprintln!("epoch-gateway: configuration error: {error}");
-                    return ExitCode::from(2);
-                }
-            };
-            let auth = Authenticator::new(&settings.auth_secret(), algorithm);
+            let auth = Authenticator::new(&settings.auth_secret(), settings.auth_algorithm());
             let jti = jti.unwrap_or_else(uuid::Uuid::new_v4).to_string();
             print_out(&auth.mint(UserId::new(user), ttl, &jti))
         }

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -17,11 +16,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::unix_now;
+use crate::broker::Nats;
+use crate::broker::kv::{
+    MARKER_TTL, OpenError, is_key_token, key_subject, open_or_create, ttl_headers,
+};
+use crate::broker::retry::{self, OnError};
 
 /// Pause before retrying a failed watch or write.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
-/// How long expiry markers stay in the bucket.
-const MARKER_TTL: Duration = Duration::from_secs(5);
 
 /// Revoked token ids with their expiry (unix seconds).
 #[derive(Debug)]
@@ -72,11 +74,7 @@ impl Revocations {
 
 /// KV key for a token id: the id itself when it is a valid key (UUIDs are), its hex bytes otherwise.
 pub fn record_key(jti: &str) -> String {
-    let plain = !jti.is_empty()
-        && jti
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if plain {
+    if is_key_token(jti) {
         jti.to_owned()
     } else {
         let hex: String = jti.bytes().map(|b| format!("{b:02x}")).collect();
@@ -87,26 +85,48 @@ pub fn record_key(jti: &str) -> String {
 /// Opens the revocation bucket, creating it when missing.
 ///
 /// # Errors
-/// When JetStream does not answer or refuses the bucket.
-pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, String> {
-    match js.get_key_value(bucket).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: bucket.to_owned(),
-                description: "epoch-gateway revoked token ids".to_owned(),
-                history: 1,
-                storage: stream::StorageType::File,
-                limit_markers: Some(MARKER_TTL),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string()),
+/// When JetStream does not answer or refuses the bucket; a missing bucket is created, not an error.
+pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, OpenError> {
+    let config = kv::Config {
+        bucket: bucket.to_owned(),
+        description: "epoch-gateway revoked token ids".to_owned(),
+        history: 1,
+        storage: stream::StorageType::File,
+        limit_markers: Some(MARKER_TTL),
+        ..Default::default()
+    };
+    open_or_create(js, config, |_| Ok::<(), OpenError>(())).await
+}
+
+/// Waits for NATS, opens the bucket, then records queued revocations and follows the bucket until `stop`.
+pub async fn run(
+    nats: Nats,
+    bucket: String,
+    revocations: Arc<Revocations>,
+    pending: mpsc::UnboundedReceiver<(String, u64)>,
+    stop: CancellationToken,
+) {
+    if !nats.wait_connected(&stop).await {
+        return;
     }
+    let js = nats.jetstream();
+    let opened = retry::with_backoff(
+        &stop,
+        || open_bucket(&js, &bucket),
+        |error| {
+            tracing::debug!(%error, %bucket, "revocation bucket not available yet; retrying");
+            OnError::Retry
+        },
+    )
+    .await;
+    let Ok(store) = opened else { return };
+    let watcher = tokio::spawn(watch_records(revocations, store, stop.clone()));
+    write_records(js, bucket, pending, stop).await;
+    let _ = watcher.await;
 }
 
 /// Writes queued revocations until `stop`.
-pub async fn write_records(
+async fn write_records(
     js: jetstream::Context,
     bucket: String,
     mut pending: mpsc::UnboundedReceiver<(String, u64)>,
@@ -120,21 +140,20 @@ pub async fn write_records(
                 None => return,
             },
         };
-        let ttl = expires_at.saturating_sub(unix_now()).max(1);
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-TTL", format!("{ttl}s").as_str());
-        let subject = format!("$KV.{bucket}.{}", record_key(&jti));
+        // The record lives as long as the token would have.
+        let ttl = Duration::from_secs(expires_at.saturating_sub(unix_now()));
+        let subject = key_subject(&bucket, &record_key(&jti));
         loop {
             let written = match js
                 .publish_with_headers(
                     subject.clone(),
-                    headers.clone(),
+                    ttl_headers(ttl),
                     Bytes::from(expires_at.to_string()),
                 )
                 .await
             {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(error) => Err(error),
             };
             match written {
                 Ok(()) => break,
@@ -151,11 +170,7 @@ pub async fn write_records(
 }
 
 /// Keeps the local set equal to the bucket until `stop`.
-pub async fn watch_records(
-    revocations: Arc<Revocations>,
-    store: kv::Store,
-    stop: CancellationToken,
-) {
+async fn watch_records(revocations: Arc<Revocations>, store: kv::Store, stop: CancellationToken) {
     loop {
         let mut records = match store.watch_with_history(">").await {
             Ok(records) => records,

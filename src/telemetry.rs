@@ -79,7 +79,9 @@ pub fn init(log: &LogSettings, telemetry: &TelemetrySettings) -> Telemetry {
     Telemetry { provider }
 }
 
-fn tracer_provider(settings: &TelemetrySettings) -> Result<Option<SdkTracerProvider>, String> {
+fn tracer_provider(
+    settings: &TelemetrySettings,
+) -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
     let configured = settings
         .otlp_endpoint
         .as_deref()
@@ -96,7 +98,7 @@ fn tracer_provider(settings: &TelemetrySettings) -> Result<Option<SdkTracerProvi
         // The configured value is the receiver's base URL, like OTEL_EXPORTER_OTLP_ENDPOINT.
         builder = builder.with_endpoint(format!("{}/v1/traces", base.trim_end_matches('/')));
     }
-    let exporter = builder.build().map_err(|e| e.to_string())?;
+    let exporter = builder.build()?;
     let service_name = settings
         .service_name
         .clone()

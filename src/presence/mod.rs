@@ -8,6 +8,7 @@
 
 pub mod service;
 pub mod store;
+pub mod task;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};

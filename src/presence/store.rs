@@ -10,7 +10,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -19,11 +18,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Presence, RemoteView};
+use crate::broker::kv::{
+    MARKER_TTL, OpenError, is_key_token, key_subject, open_or_create, purge_headers, ttl_headers,
+};
 use crate::metrics::Metrics;
 use crate::topic::UserId;
 
-/// How long purge and expiry markers stay in the bucket: long enough for any watcher to see them.
-pub const MARKER_TTL: Duration = Duration::from_secs(5);
 /// Records are rewritten this many times per TTL, so one lost write does not expire a user.
 const REFRESHES_PER_TTL: u32 = 3;
 /// A refresh period is cut into slices this far apart, each rewriting its share of the local users: the
@@ -53,8 +53,8 @@ pub enum StoreError {
         "presence bucket '{bucket}' exists with other settings: {differences}; delete it or change the configuration"
     )]
     Mismatch { bucket: String, differences: String },
-    #[error("JetStream request failed: {0}")]
-    JetStream(String),
+    #[error(transparent)]
+    Open(#[from] OpenError),
 }
 
 /// The bucket settings the gateway needs.
@@ -82,36 +82,23 @@ impl BucketSpec {
 /// never changed or recreated here.
 ///
 /// # Errors
-/// [`StoreError::Mismatch`] listing what differs, or [`StoreError::JetStream`] when NATS does not answer.
+/// [`StoreError::Mismatch`] listing what differs, or [`StoreError::Open`] when NATS does not answer.
 pub async fn open_bucket(
     js: &jetstream::Context,
     spec: &BucketSpec,
 ) -> Result<kv::Store, StoreError> {
-    let stream_name = format!("KV_{}", spec.bucket);
-    match js.get_stream(&stream_name).await {
-        Ok(stream) => {
-            let differences = differences(&stream.cached_info().config, spec);
-            if !differences.is_empty() {
-                return Err(StoreError::Mismatch {
-                    bucket: spec.bucket.clone(),
-                    differences: differences.join(", "),
-                });
-            }
-            js.get_key_value(&spec.bucket)
-                .await
-                .map_err(|e| StoreError::JetStream(e.to_string()))
+    open_or_create(js, spec.config(), |actual| {
+        let differences = differences(actual, spec);
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Mismatch {
+                bucket: spec.bucket.clone(),
+                differences: differences.join(", "),
+            })
         }
-        Err(err)
-            if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref e)
-                if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            tracing::info!(bucket = %spec.bucket, replicas = spec.replicas, "creating presence bucket");
-            js.create_key_value(spec.config())
-                .await
-                .map_err(|e| StoreError::JetStream(e.to_string()))
-        }
-        Err(err) => Err(StoreError::JetStream(err.to_string())),
-    }
+    })
+    .await
 }
 
 fn differences(actual: &stream::Config, spec: &BucketSpec) -> Vec<String> {
@@ -149,11 +136,7 @@ pub fn record_key(user: UserId, node: &str) -> String {
 /// The inverse of [`record_key`]; `None` for any key this gateway does not write.
 pub fn parse_record_key(key: &str) -> Option<(UserId, &str)> {
     let (user, node) = key.split_once('.')?;
-    let valid_node = !node.is_empty()
-        && node
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    valid_node.then_some(())?;
+    is_key_token(node).then_some(())?;
     Some((UserId::parse(user)?, node))
 }
 
@@ -257,11 +240,7 @@ impl Writer {
         let mut pending = Vec::with_capacity(users.len());
         for &user in users {
             let online = self.presence.is_local(user);
-            let subject = format!(
-                "$KV.{}.{}",
-                self.spec.bucket,
-                record_key(user, self.presence.node())
-            );
+            let subject = key_subject(&self.spec.bucket, &record_key(user, self.presence.node()));
             let headers = if online {
                 ttl_headers(self.ttl)
             } else {
@@ -276,8 +255,8 @@ impl Writer {
         let mut all_written = true;
         let acks = pending.into_iter().map(|(user, online, ack)| async move {
             let result = match ack {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(error) => Err(error),
             };
             (user, online, result)
         });
@@ -384,21 +363,6 @@ fn slice_of(user: UserId, count: usize) -> usize {
     usize::try_from(spread % count as u64).unwrap_or(0)
 }
 
-fn ttl_headers(ttl: Duration) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-TTL", format!("{}s", ttl.as_secs()).as_str());
-    headers
-}
-
-/// A purge that removes the record's history and expires itself after [`MARKER_TTL`].
-fn purge_headers() -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert("KV-Operation", "PURGE");
-    headers.insert("Nats-Rollup", "sub");
-    headers.insert("Nats-TTL", format!("{}s", MARKER_TTL.as_secs()).as_str());
-    headers
-}
-
 /// Keeps [`Presence`]'s view of other instances' records current, rebuilding it from the bucket after a
 /// reconnect or a broken watch. A rebuild collects the bucket's current records aside and swaps them in
 /// once caught up, so users do not flicker offline while it runs.
@@ -410,12 +374,9 @@ pub async fn watch_records(
 ) {
     loop {
         let opened = async {
-            Ok::<_, String>((
-                store.status().await.map_err(|e| e.to_string())?.values(),
-                store
-                    .watch_with_history(">")
-                    .await
-                    .map_err(|e| e.to_string())?,
+            Ok::<_, async_nats::Error>((
+                store.status().await?.values(),
+                store.watch_with_history(">").await?,
             ))
         };
         let (existing, mut records) = match opened.await {

@@ -3,13 +3,14 @@
 //! The upgrade handler is the last place with HTTP in hand, so every refusal happens here, before the
 //! upgrade: an unsupported `vsn` or an invalid token is a 403 with an empty body, a draining instance is a
 //! 503. An accepted socket is handed to [`session::run`] on the instance's task tracker, so shutdown can
-//! wait for it.
+//! wait for it. [`Endpoint`] is the state every session shares; this module owns it and imports nothing
+//! from the application that builds it.
 
 pub mod channel;
 pub mod session;
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Query, State};
@@ -17,8 +18,18 @@ use axum::http::header::ORIGIN;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::app::AppState;
+use crate::auth::{AuthError, Authenticator};
+use crate::config::AllowedOrigins;
+use crate::hub::{Hub, Kick};
+use crate::limits::{Limits, TokenBucket};
+use crate::metrics::Metrics;
+use crate::presence::Presence;
+use crate::revocation::Revocations;
+use crate::topic::UserId;
 
 /// Phoenix's V2 serializer requirement is `~> 2.0.0`: any 2.0.x.
 const SUPPORTED_VSN_PREFIX: &str = "2.0.";
@@ -29,43 +40,96 @@ const READ_BUFFER_BYTES: usize = 1024;
 /// Outgoing bytes buffered before a write reaches the socket; batches are flushed explicitly.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
-/// The `Origin` allow-list (Phoenix's `check_origin`): exact origins, bare hosts, or anything.
-#[derive(Debug, Clone, Default)]
-pub struct AllowedOrigins {
-    any: bool,
-    exact: Vec<String>,
-    hosts: Vec<String>,
+/// What the endpoint and every session share: the instance's sockets, their limits, and the services a
+/// session calls. Built by the application, which holds nothing else the sessions need.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub auth: Authenticator,
+    pub hub: Arc<Hub>,
+    pub presence: Arc<Presence>,
+    pub revocations: Arc<Revocations>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub origins: AllowedOrigins,
+    /// One permit per open socket, held by its session.
+    pub connections: Arc<Semaphore>,
+    /// New sockets per second.
+    pub new_connections: Mutex<TokenBucket>,
+    /// Cancelled when the instance starts shutting down: upgrades get 503.
+    pub shutdown: CancellationToken,
+    /// Cancelled at the end of the drain window: every socket still open closes at once.
+    pub close_all: CancellationToken,
+    /// Every live session, so shutdown can wait for them (axum does not track upgraded connections).
+    pub sessions: TaskTracker,
+    next_conn: AtomicU64,
 }
 
-impl AllowedOrigins {
-    /// Builds the list from validated configuration entries; an empty list allows any origin.
-    pub fn new(entries: &[String]) -> Self {
-        let mut list = Self {
-            any: entries.is_empty(),
-            ..Self::default()
-        };
-        for entry in entries.iter().map(|e| e.to_ascii_lowercase()) {
-            if entry == "*" {
-                list.any = true;
-            } else if entry.contains("://") {
-                list.exact.push(entry);
-            } else {
-                list.hosts.push(entry);
-            }
+/// The services a session calls, shared with the rest of the instance.
+#[derive(Debug)]
+pub struct Services {
+    pub auth: Authenticator,
+    pub hub: Arc<Hub>,
+    pub presence: Arc<Presence>,
+    pub revocations: Arc<Revocations>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Endpoint {
+    /// An endpoint with no sockets yet, accepting `max_connections` at once and `new_per_sec` new ones per
+    /// second (bursts of twice that).
+    pub fn new(
+        services: Services,
+        limits: Limits,
+        origins: AllowedOrigins,
+        max_connections: usize,
+        new_per_sec: u32,
+    ) -> Self {
+        let Services {
+            auth,
+            hub,
+            presence,
+            revocations,
+            metrics,
+        } = services;
+        Self {
+            auth,
+            hub,
+            presence,
+            revocations,
+            metrics,
+            limits,
+            origins,
+            connections: Arc::new(Semaphore::new(max_connections)),
+            new_connections: Mutex::new(TokenBucket::new(
+                new_per_sec,
+                new_per_sec.saturating_mul(2),
+            )),
+            shutdown: CancellationToken::new(),
+            close_all: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            next_conn: AtomicU64::new(1),
         }
-        list
     }
 
-    pub fn allows(&self, origin: &str) -> bool {
-        if self.any {
-            return true;
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// What a `logout {token}` event does after its delivery: close this instance's sockets of that token
+    /// and refuse the token cluster-wide until it expires.
+    pub fn logout(&self, user: UserId, token: &str) {
+        match self.auth.identify(token) {
+            Ok(principal) if principal.user_id == user => {
+                let closed = self.hub.close_token(user, &principal.jti, Kick::Revoked);
+                self.revocations
+                    .revoke(&principal.jti, principal.expires_at);
+                tracing::info!(%user, closed, "logout: token revoked");
+            }
+            Ok(_) => tracing::warn!(%user, "logout names a token of another user; ignored"),
+            Err(error) => {
+                tracing::warn!(%user, %error, "logout token not recognised; nothing revoked");
+            }
         }
-        let origin = origin.to_ascii_lowercase();
-        let host = origin
-            .split_once("://")
-            .map(|(_, rest)| rest.rsplit_once(':').map_or(rest, |(host, _)| host));
-        self.exact.contains(&origin)
-            || host.is_some_and(|host| self.hosts.iter().any(|h| h == host))
     }
 }
 
@@ -76,7 +140,7 @@ pub struct ConnectParams {
 }
 
 pub async fn upgrade(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Endpoint>>,
     Query(params): Query<ConnectParams>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -143,7 +207,7 @@ pub async fn upgrade(
         }
         Some(token) => match state.auth.verify(token).and_then(|principal| {
             if state.revocations.is_revoked(&principal.jti) {
-                Err(crate::auth::AuthError::Revoked)
+                Err(AuthError::Revoked)
             } else {
                 Ok(principal)
             }
@@ -175,24 +239,4 @@ pub async fn upgrade(
             // The permit is released when the session ends.
             sessions.track_future(session::run(socket, state, principal, permit))
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::AllowedOrigins;
-
-    #[test]
-    fn origins_match_exactly_or_by_host() {
-        let list =
-            AllowedOrigins::new(&["https://forum.example".to_owned(), "localhost".to_owned()]);
-        assert!(list.allows("https://forum.example"));
-        assert!(list.allows("HTTPS://Forum.Example"));
-        assert!(list.allows("http://localhost:8080"));
-        assert!(!list.allows("http://forum.example"));
-        assert!(!list.allows("https://forum.example.evil"));
-        assert!(!list.allows("https://evil.example"));
-        assert!(!list.allows("null"));
-        assert!(AllowedOrigins::new(&[]).allows("https://anything"));
-        assert!(AllowedOrigins::new(&["*".to_owned()]).allows("null"));
-    }
 }

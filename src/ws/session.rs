@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
+use super::Endpoint;
 use super::channel::{Channels, EVENT_IS_ONLINE};
-use crate::app::AppState;
 use crate::auth::Principal;
 use crate::hub::{Closer, Hub, Kick, Outbound, Queued};
 use crate::limits::TokenBucket;
@@ -67,7 +67,7 @@ impl Drop for Registration<'_> {
 /// Serves one upgraded socket until it closes.
 pub async fn run(
     socket: WebSocket,
-    state: Arc<AppState>,
+    state: Arc<Endpoint>,
     principal: Option<Principal>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -90,7 +90,7 @@ pub async fn run(
     gauge.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Principal>, conn: u64) {
+async fn serve(mut socket: WebSocket, state: &Endpoint, principal: Option<Principal>, conn: u64) {
     tracing::debug!("socket opened");
     let (tx, mut queue) = mpsc::channel(state.limits.outbound_queue);
     let closer = Closer::new();

@@ -1,20 +1,22 @@
-//! NATS: the connection, its health, and ingress (where a NATS message becomes a frame).
+//! Ingress: where a NATS message becomes a frame.
 //!
-//! Ingress holds one subscription, `<prefix>.user.*`. Each message is checked once (subject, size, JSON
-//! envelope, event name), encoded once as `[null, null, topic, event, payload]`, and handed to the hub,
-//! which shares the same bytes with every subscribed socket. A message that fails a check is dropped,
-//! counted by reason, and logged at most once per [`DROP_LOG_INTERVAL`].
+//! Ingress holds one subscription, `<prefix>.user.*`. Each message's subject is parsed once into a
+//! [`Topic`]; the body is checked once (size, JSON envelope, event name), encoded once as
+//! `[null, null, topic, event, payload]`, and handed to the hub, which shares the same bytes with every
+//! subscribed socket. A message that fails a check is dropped, counted by reason, and logged at most once
+//! per [`DROP_LOG_INTERVAL`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::{Client, ConnectOptions, Event, Message};
+use async_nats::Message;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use super::Nats;
 
 use crate::hub::{Hub, Kick};
 use crate::metrics::{IngressDrop, Metrics};
@@ -25,79 +27,6 @@ use crate::topic::{Topic, UserId};
 pub const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest event name forwarded to clients.
 pub const MAX_EVENT_BYTES: usize = 128;
-/// Reconnect delays grow to this and stay there while NATS is away.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
-
-/// Connection state shared with readiness checks and presence.
-#[derive(Debug)]
-pub struct NatsHealth {
-    reconnects_tx: watch::Sender<u64>,
-    ever_connected: AtomicBool,
-}
-
-impl NatsHealth {
-    /// Bumped after every reconnect; presence re-asserts its records and rebuilds its view on a change.
-    pub fn reconnects(&self) -> watch::Receiver<u64> {
-        self.reconnects_tx.subscribe()
-    }
-}
-
-/// Starts connecting to NATS and returns at once. async-nats keeps retrying with backoff, the initial
-/// connection included, and reports every state change through the event callback.
-///
-/// # Errors
-/// Only when the URL list cannot be parsed.
-pub async fn connect(
-    urls: &[String],
-    node_id: &str,
-    metrics: Arc<Metrics>,
-) -> Result<(Client, Arc<NatsHealth>), async_nats::ConnectError> {
-    let (reconnects_tx, _) = watch::channel(0);
-    let health = Arc::new(NatsHealth {
-        reconnects_tx,
-        ever_connected: AtomicBool::new(false),
-    });
-    let events = Arc::clone(&health);
-    let options = ConnectOptions::new()
-        .name(format!("epoch-gateway {node_id}"))
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .reconnect_delay_callback(|attempts| {
-            let millis = 100u64.saturating_mul(1 << attempts.min(6));
-            Duration::from_millis(millis).min(MAX_RECONNECT_DELAY)
-        })
-        .event_callback(move |event| {
-            let health = Arc::clone(&events);
-            let metrics = Arc::clone(&metrics);
-            async move { on_event(&health, &metrics, event) }
-        });
-    let client = options.connect(urls).await?;
-    Ok((client, health))
-}
-
-fn on_event(health: &NatsHealth, metrics: &Metrics, event: Event) {
-    match event {
-        Event::Connected => {
-            metrics.nats_connected.store(1, Ordering::Relaxed);
-            if health.ever_connected.swap(true, Ordering::Relaxed) {
-                metrics.nats_reconnects.fetch_add(1, Ordering::Relaxed);
-                health.reconnects_tx.send_modify(|n| *n += 1);
-                tracing::info!("reconnected to NATS");
-            } else {
-                tracing::info!("connected to NATS");
-            }
-        }
-        Event::Disconnected => {
-            metrics.nats_connected.store(0, Ordering::Relaxed);
-            tracing::warn!("disconnected from NATS; reconnecting");
-        }
-        Event::Closed => {
-            metrics.nats_connected.store(0, Ordering::Relaxed);
-            tracing::info!("NATS connection closed");
-        }
-        other => tracing::warn!(event = %other, "NATS event"),
-    }
-}
 
 /// `{"event": "...", "payload": {...}}` as published by backend services.
 #[derive(Deserialize)]
@@ -134,21 +63,19 @@ pub struct Broadcast {
     pub control: Option<Control>,
 }
 
-/// Checks and encodes one ingress message.
+/// The topic of an ingress subject, `<prefix>.user.<public|role|id>`; `None` for any other subject.
+pub fn subject_topic(prefix: &str, subject: &str) -> Option<Topic> {
+    subject
+        .strip_prefix(prefix)?
+        .strip_prefix(".user.")
+        .and_then(Topic::from_subject_token)
+}
+
+/// Checks and encodes the body of one ingress message for `topic`.
 ///
 /// # Errors
 /// The [`IngressDrop`] reason when the message must not reach clients.
-pub fn decode(
-    subject_prefix: &str,
-    subject: &str,
-    body: &[u8],
-    max_bytes: usize,
-) -> Result<Broadcast, IngressDrop> {
-    let topic = subject
-        .strip_prefix(subject_prefix)
-        .and_then(|rest| rest.strip_prefix(".user."))
-        .and_then(Topic::from_subject_token)
-        .ok_or(IngressDrop::BadSubject)?;
+pub fn decode(topic: Topic, body: &[u8], max_bytes: usize) -> Result<Broadcast, IngressDrop> {
     if body.len() > max_bytes {
         return Err(IngressDrop::TooLarge);
     }
@@ -223,8 +150,8 @@ impl DropLog {
 ///
 /// # Errors
 /// When the subscription cannot be created.
-pub async fn run_ingress(
-    client: Client,
+pub async fn run(
+    nats: Nats,
     subject_prefix: String,
     max_bytes: usize,
     hub: Arc<Hub>,
@@ -232,7 +159,10 @@ pub async fn run_ingress(
     on_logout: LogoutHook,
     stop: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
-    let mut messages = client.subscribe(format!("{subject_prefix}.user.*")).await?;
+    let mut messages = nats
+        .client()
+        .subscribe(format!("{subject_prefix}.user.*"))
+        .await?;
     let mut drops = DropLog {
         last: None,
         suppressed: AtomicU64::new(0),
@@ -258,21 +188,18 @@ pub async fn run_ingress(
         );
         continue_trace(&span, message.headers.as_ref());
         let _entered = span.enter();
-        // Skip the decode when nobody here listens, but only for well-formed subjects (a bad subject is
-        // always counted as such) and never on user subjects, which carry `disconnect` and `logout`: those
-        // act on sessions that joined no topic.
-        let listening = subject_topic(&subject_prefix, &message.subject)
-            .is_none_or(|topic| matches!(topic, Topic::User(_)) || hub.has_subscribers(topic));
-        if !listening {
+        let Some(topic) = subject_topic(&subject_prefix, &message.subject) else {
+            metrics.ingress_drop(IngressDrop::BadSubject);
+            drops.record(&message.subject, IngressDrop::BadSubject);
+            continue;
+        };
+        // Skip the decode when nobody here listens, but never on user subjects, which carry `disconnect`
+        // and `logout`: those act on sessions that joined no topic.
+        if !matches!(topic, Topic::User(_)) && !hub.has_subscribers(topic) {
             metrics.ingress_drop(IngressDrop::NoSubscribers);
             continue;
         }
-        match decode(
-            &subject_prefix,
-            &message.subject,
-            &message.payload,
-            max_bytes,
-        ) {
+        match decode(topic, &message.payload, max_bytes) {
             Ok(Broadcast {
                 control: Some(Control::Disconnect(user)),
                 ..
@@ -339,11 +266,19 @@ impl opentelemetry::propagation::Extractor for NatsHeaders<'_> {
     }
 }
 
-fn subject_topic(prefix: &str, subject: &str) -> Option<Topic> {
-    subject
-        .strip_prefix(prefix)?
-        .strip_prefix(".user.")
-        .and_then(Topic::from_subject_token)
+/// Subject and body together, as the ingress loop checks them.
+#[cfg(test)]
+fn decode_at(
+    prefix: &str,
+    subject: &str,
+    body: &[u8],
+    max: usize,
+) -> Result<Broadcast, IngressDrop> {
+    decode(
+        subject_topic(prefix, subject).ok_or(IngressDrop::BadSubject)?,
+        body,
+        max,
+    )
 }
 
 #[cfg(test)]
@@ -355,7 +290,7 @@ mod tests {
 
     #[test]
     fn encodes_valid_envelopes_once() {
-        let b = decode(
+        let b = decode_at(
             "epoch",
             "epoch.user.42",
             br#"{"event":"logout","payload":{"token":"t"}}"#,
@@ -367,7 +302,7 @@ mod tests {
             b.frame.as_str(),
             r#"[null,null,"user:42","logout",{"token":"t"}]"#
         );
-        let b = decode(
+        let b = decode_at(
             "epoch",
             "epoch.user.public",
             br#"{"event":"announcement"}"#,
@@ -378,7 +313,7 @@ mod tests {
             b.frame.as_str(),
             r#"[null,null,"user:public","announcement",{}]"#
         );
-        let b = decode(
+        let b = decode_at(
             "a.b",
             "a.b.user.role",
             br#"{"event":"permissionsChanged","payload":null}"#,
@@ -393,9 +328,9 @@ mod tests {
 
     #[test]
     fn user_subjects_carry_control_events() {
-        let b = decode("epoch", "epoch.user.9", br#"{"event":"disconnect"}"#, MAX).unwrap();
+        let b = decode_at("epoch", "epoch.user.9", br#"{"event":"disconnect"}"#, MAX).unwrap();
         assert_eq!(b.control, Some(Control::Disconnect(UserId::new(9))));
-        let b = decode(
+        let b = decode_at(
             "epoch",
             "epoch.user.9",
             br#"{"event":"logout","payload":{"token":"t"}}"#,
@@ -409,7 +344,7 @@ mod tests {
                 token: "t".to_owned()
             })
         );
-        let b = decode(
+        let b = decode_at(
             "epoch",
             "epoch.user.public",
             br#"{"event":"disconnect"}"#,
@@ -417,7 +352,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b.control, None);
-        let b = decode(
+        let b = decode_at(
             "epoch",
             "epoch.user.9",
             br#"{"event":"logout","payload":{}}"#,
@@ -480,7 +415,7 @@ mod tests {
         ];
         for (subject, body, expected) in cases {
             assert_eq!(
-                decode("epoch", subject, body, MAX).unwrap_err(),
+                decode_at("epoch", subject, body, MAX).unwrap_err(),
                 expected,
                 "{subject}"
             );
@@ -500,7 +435,7 @@ mod fuzz {
             subject in prop_oneof![Just("epoch.user.public".to_owned()), Just("epoch.user.role".to_owned()), "epoch\\.user\\.[0-9a-z]{0,22}"],
             body in proptest::collection::vec(any::<u8>(), 0..300),
         ) {
-            if let Ok(broadcast) = decode("epoch", &subject, &body, 1024) {
+            if let Ok(broadcast) = decode_at("epoch", &subject, &body, 1024) {
                 let frame: serde_json::Value = serde_json::from_str(broadcast.frame.as_str()).unwrap();
                 prop_assert!(frame[0].is_null() && frame[1].is_null());
                 prop_assert!(frame[4].is_object());
@@ -514,7 +449,7 @@ mod fuzz {
         ) {
             prop_assume!(!event.starts_with(RESERVED_EVENT_PREFIX));
             let body = serde_json::json!({"event": event, "payload": {"v": value}}).to_string();
-            let broadcast = decode("epoch", "epoch.user.public", body.as_bytes(), 1024).unwrap();
+            let broadcast = decode_at("epoch", "epoch.user.public", body.as_bytes(), 1024).unwrap();
             let frame: serde_json::Value = serde_json::from_str(broadcast.frame.as_str()).unwrap();
             prop_assert_eq!(&frame[3], &serde_json::json!(event));
             prop_assert_eq!(&frame[4]["v"], &serde_json::json!(value));
