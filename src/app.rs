@@ -136,22 +136,22 @@ impl Application {
         let server = tokio::spawn(server.into_future());
 
         let ingress_stop = CancellationToken::new();
-        let ingress = tokio::spawn({
-            let (nats, hub, metrics) = (
-                nats.clone(),
+        let router = {
+            let logout = Arc::clone(&endpoint);
+            let on_logout: ingress::LogoutHook =
+                Arc::new(move |user, token| logout.logout(user, token));
+            ingress::Router::new(
+                settings.nats.subject_prefix.clone(),
+                settings.nats.max_message_bytes,
                 Arc::clone(&endpoint.hub),
                 Arc::clone(&endpoint.metrics),
-            );
-            let logout_endpoint = Arc::clone(&endpoint);
-            let on_logout: ingress::LogoutHook =
-                Arc::new(move |user, token| logout_endpoint.logout(user, token));
-            let prefix = settings.nats.subject_prefix.clone();
-            let max = settings.nats.max_message_bytes;
-            let stop = ingress_stop.clone();
+                on_logout,
+            )
+        };
+        let ingress = tokio::spawn({
+            let (nats, stop) = (nats.clone(), ingress_stop.clone());
             async move {
-                if let Err(error) =
-                    ingress::run(nats, prefix, max, hub, metrics, on_logout, stop).await
-                {
+                if let Err(error) = ingress::run(nats, router, stop).await {
                     tracing::error!(%error, "NATS ingress subscription failed");
                 }
             }

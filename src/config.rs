@@ -83,6 +83,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[serde(default)]
     pub runtime: RuntimeSettings,
+    pub delivery: DeliverySettings,
     /// Values parsed from the fields above by [`Settings::load`], once.
     #[serde(skip)]
     parsed: Parsed,
@@ -95,6 +96,24 @@ struct Parsed {
     node_id: String,
     origins: AllowedOrigins,
     nats_urls: Vec<String>,
+}
+
+/// The event stream (CONTRACT §8): what is published on `<prefix>.user.>` is stored, so that joined
+/// sockets lose nothing across NATS outages and rejoining sockets can recover what they missed.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct DeliverySettings {
+    /// Off: the core NATS path, at most once, every instance receiving every user's events.
+    pub enabled: bool,
+    /// Name of the JetStream stream the gateway creates or updates at start.
+    pub stream: String,
+    /// Stream replicas (3 on a 3-node cluster).
+    pub replicas: usize,
+    /// How long events are kept for recovery.
+    pub history_secs: u64,
+    /// Events kept per topic (per NATS subject).
+    pub history_per_topic: u64,
+    /// Most events replayed to one rejoining channel; more means `recovered: false`.
+    pub max_recover: u64,
 }
 
 /// The async runtime.
@@ -265,6 +284,12 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("log.format", "text"),
     ("log.level", "info"),
     ("telemetry.sampling_ratio", "1.0"),
+    ("delivery.enabled", "true"),
+    ("delivery.stream", "epoch_events"),
+    ("delivery.replicas", "1"),
+    ("delivery.history_secs", "300"),
+    ("delivery.history_per_topic", "100"),
+    ("delivery.max_recover", "1000"),
 ];
 
 impl Settings {
@@ -373,6 +398,27 @@ impl Settings {
         if self.presence.replicas == 0 || self.presence.replicas > 5 {
             return Err(invalid("presence.replicas", "must be between 1 and 5"));
         }
+        if !is_key_token(&self.delivery.stream) {
+            return Err(invalid(
+                "delivery.stream",
+                "must be letters, digits, '-' and '_' only",
+            ));
+        }
+        if self.delivery.replicas == 0 || self.delivery.replicas > 5 {
+            return Err(invalid("delivery.replicas", "must be between 1 and 5"));
+        }
+        for (key, value) in [
+            ("delivery.history_secs", self.delivery.history_secs),
+            ("delivery.history_per_topic", self.delivery.history_per_topic),
+            ("delivery.max_recover", self.delivery.max_recover),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if i64::try_from(self.delivery.history_per_topic).is_err() {
+            return Err(invalid("delivery.history_per_topic", "is too large"));
+        }
         if matches!(self.runtime.worker_threads, Some(n) if n == 0 || n > 1024) {
             return Err(invalid(
                 "runtime.worker_threads",
@@ -478,6 +524,10 @@ impl Settings {
             push_burst: self.ws.push_burst,
             first_frame_timeout: Duration::from_secs(self.ws.first_frame_timeout_secs),
         }
+    }
+
+    pub fn delivery_history(&self) -> Duration {
+        Duration::from_secs(self.delivery.history_secs)
     }
 
     pub fn presence_ttl(&self) -> Duration {

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::Frame;
@@ -27,11 +27,19 @@ pub struct Queued(Arc<Published>);
 struct Published {
     frame: Frame,
     received: std::time::Instant,
+    topic: Topic,
+    /// The event's position in the event stream; 0 on the core NATS path.
+    seq: u64,
 }
 
 impl Queued {
-    pub fn new(frame: Frame, received: std::time::Instant) -> Self {
-        Self(Arc::new(Published { frame, received }))
+    pub fn new(frame: Frame, received: std::time::Instant, topic: Topic, seq: u64) -> Self {
+        Self(Arc::new(Published {
+            frame,
+            received,
+            topic,
+            seq,
+        }))
     }
 
     pub fn frame(&self) -> Frame {
@@ -41,7 +49,35 @@ impl Queued {
     pub fn received(&self) -> std::time::Instant {
         self.0.received
     }
+
+    pub fn topic(&self) -> Topic {
+        self.0.topic
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.0.seq
+    }
 }
+
+/// One published message as the hub offers it: the frame every plain subscriber gets, and the frame with
+/// the event's position in the ref slot, built at most once and only when a subscriber asked for
+/// positions.
+pub struct Message<'a, F: FnOnce() -> Frame> {
+    pub topic: Topic,
+    pub frame: &'a Frame,
+    pub positioned: F,
+    pub seq: u64,
+    pub received: std::time::Instant,
+}
+
+/// A change of which users have an authenticated session on this instance: the upstream subscriptions
+/// (per-user NATS interest) follow it. `generation` tells an old acknowledgement from a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    Add { user: UserId, generation: u64 },
+    Remove { user: UserId },
+}
+
 use crate::topic::{Topic, UserId};
 
 /// Identifies one socket for its whole life on this instance.
@@ -120,14 +156,32 @@ pub struct Delivery {
     pub overflowed: usize,
 }
 
+/// A socket on a topic, and whether it asked for positions.
+#[derive(Debug, Clone)]
+struct Subscriber {
+    outbound: Outbound,
+    positions: bool,
+}
+
+/// Whether the upstream subscription of a user's events is in place, and who waits for it.
+#[derive(Debug, Default)]
+struct Upstream {
+    generation: u64,
+    ready: bool,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
 #[derive(Debug, Default)]
 struct Subscribers {
-    public: HashMap<ConnId, Outbound>,
-    role: HashMap<ConnId, Outbound>,
+    public: HashMap<ConnId, Subscriber>,
+    role: HashMap<ConnId, Subscriber>,
     /// A user has a handful of sockets (tabs, devices); a short list beats a map per user.
-    users: HashMap<UserId, Vec<(ConnId, Outbound)>>,
+    users: HashMap<UserId, Vec<(ConnId, Subscriber)>>,
     /// Every authenticated session by user, joined to any topic or none.
     sessions: HashMap<UserId, Vec<Session>>,
+    /// Per user with a session here, when per-user interest is on.
+    upstream: HashMap<UserId, Upstream>,
+    next_generation: u64,
     /// Every socket, for the shutdown drain.
     sockets: HashMap<ConnId, Closer>,
 }
@@ -137,6 +191,9 @@ struct Subscribers {
 pub struct Hub {
     // A std lock: it is never held across an await, and publishing (the hot path) only reads.
     subscribers: RwLock<Subscribers>,
+    /// Where the first session and the last session of a user are announced, when per-user interest is
+    /// on; `None`: every user's events arrive anyway.
+    interest: Option<mpsc::UnboundedSender<Interest>>,
 }
 
 impl Hub {
@@ -144,8 +201,28 @@ impl Hub {
         Self::default()
     }
 
+    /// A hub that announces its users' first and last sessions on the returned channel, and whose user
+    /// topics are ready only once [`Self::upstream_ready`] has been called for the announced generation.
+    pub fn with_interest() -> (Self, mpsc::UnboundedReceiver<Interest>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hub = Self {
+            subscribers: RwLock::default(),
+            interest: Some(tx),
+        };
+        (hub, rx)
+    }
+
     /// Adds `conn` to `topic`. Subscribing twice is harmless: the second replaces the first.
     pub fn subscribe(&self, topic: Topic, conn: ConnId, outbound: Outbound) {
+        self.subscribe_with(topic, conn, outbound, false);
+    }
+
+    /// [`Self::subscribe`], with broadcasts carrying their position when `positions` is set.
+    pub fn subscribe_with(&self, topic: Topic, conn: ConnId, outbound: Outbound, positions: bool) {
+        let outbound = Subscriber {
+            outbound,
+            positions,
+        };
         let mut subs = self.write();
         match topic {
             Topic::Public => {
@@ -194,29 +271,97 @@ impl Hub {
 
     /// Offers `frame` to every socket on `topic` without waiting for any of them.
     pub fn publish(&self, topic: Topic, frame: &Frame, received: std::time::Instant) -> Delivery {
+        self.publish_stored(Message {
+            topic,
+            frame,
+            positioned: || frame.clone(),
+            seq: 0,
+            received,
+        })
+    }
+
+    /// Offers a stored event to every socket on its topic without waiting for any of them; sockets that
+    /// asked for positions get `message.positioned`.
+    pub fn publish_stored<F: FnOnce() -> Frame>(&self, message: Message<'_, F>) -> Delivery {
         let subs = self.read();
         let mut delivery = Delivery::default();
-        let queued = Queued::new(frame.clone(), received);
-        let mut offer = |outbound: &Outbound| match outbound.tx.try_send(queued.clone()) {
-            Ok(()) => delivery.queued += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if outbound.closer.close(Kick::SlowConsumer) {
-                    delivery.overflowed += 1;
+        let Message {
+            topic,
+            frame,
+            positioned,
+            seq,
+            received,
+        } = message;
+        let plain = Queued::new(frame.clone(), received, topic, seq);
+        let mut positioned = Some(positioned);
+        let mut with_position: Option<Queued> = None;
+        let mut offer = |subscriber: &Subscriber| {
+            let queued = if subscriber.positions {
+                with_position
+                    .get_or_insert_with(|| {
+                        // `positioned` is taken once, the first time a subscriber wants it.
+                        let make = positioned.take().expect("built at most once");
+                        Queued::new(make(), received, topic, seq)
+                    })
+                    .clone()
+            } else {
+                plain.clone()
+            };
+            let outbound = &subscriber.outbound;
+            match outbound.tx.try_send(queued) {
+                Ok(()) => delivery.queued += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if outbound.closer.close(Kick::SlowConsumer) {
+                        delivery.overflowed += 1;
+                    }
                 }
+                // The session is ending and will unsubscribe itself.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
-            // The session is ending and will unsubscribe itself.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
         };
         match topic {
             Topic::Public => subs.public.values().for_each(&mut offer),
             Topic::Role => subs.role.values().for_each(&mut offer),
             Topic::User(user) => {
                 if let Some(list) = subs.users.get(&user) {
-                    list.iter().for_each(|(_, outbound)| offer(outbound));
+                    list.iter().for_each(|(_, subscriber)| offer(subscriber));
                 }
             }
         }
         delivery
+    }
+
+    /// Users with a session here (the per-user interest to hold upstream).
+    pub fn session_users(&self) -> Vec<UserId> {
+        self.read().sessions.keys().copied().collect()
+    }
+
+    /// Records that the upstream subscription announced as `generation` for `user` is in place, and wakes
+    /// the joins waiting for it. An acknowledgement of an older generation is ignored.
+    pub fn upstream_ready(&self, user: UserId, generation: u64) {
+        let mut subs = self.write();
+        if let Some(upstream) = subs.upstream.get_mut(&user)
+            && upstream.generation == generation
+        {
+            upstream.ready = true;
+            for waiter in upstream.waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// `None` when `user`'s events already arrive here; otherwise resolves once they do (or is dropped
+    /// when the user's last session ends first).
+    pub fn wait_upstream(&self, user: UserId) -> Option<oneshot::Receiver<()>> {
+        self.interest.as_ref()?;
+        let mut subs = self.write();
+        let upstream = subs.upstream.get_mut(&user)?;
+        if upstream.ready {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        upstream.waiters.push(tx);
+        Some(rx)
     }
 
     /// Makes a socket reachable by [`Self::close_some`].
@@ -244,25 +389,47 @@ impl Hub {
             .count()
     }
 
-    /// Makes an authenticated session reachable by [`Self::close_user`] and [`Self::close_token`].
+    /// Makes an authenticated session reachable by [`Self::close_user`] and [`Self::close_token`]. The
+    /// user's first session here announces the user's interest.
     pub fn register_session(&self, user: UserId, conn: ConnId, jti: &str, closer: Closer) {
-        self.write()
-            .sessions
-            .entry(user)
-            .or_default()
-            .push(Session {
-                conn,
-                jti: jti.into(),
-                closer,
-            });
+        let mut guard = self.write();
+        let subs = &mut *guard;
+        let list = subs.sessions.entry(user).or_default();
+        list.push(Session {
+            conn,
+            jti: jti.into(),
+            closer,
+        });
+        if list.len() == 1
+            && let Some(interest) = &self.interest
+        {
+            subs.next_generation += 1;
+            let generation = subs.next_generation;
+            subs.upstream.insert(
+                user,
+                Upstream {
+                    generation,
+                    ..Upstream::default()
+                },
+            );
+            // Sent under the lock, so announcements keep the order of the changes. The receiver lives as
+            // long as ingress; after it stopped, nothing is waited for.
+            let _ = interest.send(Interest::Add { user, generation });
+        }
     }
 
+    /// The user's last session here withdraws the user's interest.
     pub fn unregister_session(&self, user: UserId, conn: ConnId) {
         let mut subs = self.write();
         if let Some(list) = subs.sessions.get_mut(&user) {
             list.retain(|session| session.conn != conn);
             if list.is_empty() {
                 subs.sessions.remove(&user);
+                if subs.upstream.remove(&user).is_some()
+                    && let Some(interest) = &self.interest
+                {
+                    let _ = interest.send(Interest::Remove { user });
+                }
             }
         }
     }

@@ -146,27 +146,148 @@ impl DropLog {
     }
 }
 
-/// Ingress: runs until `stop` is cancelled.
+/// Turns checked NATS messages into frames for the hub and runs their side effects: the one place where a
+/// NATS message becomes a frame, for the core path ([`run`]) and the event stream alike.
+pub struct Router {
+    prefix: String,
+    max_bytes: usize,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    on_logout: LogoutHook,
+    drops: DropLog,
+}
+
+impl Router {
+    pub fn new(
+        prefix: String,
+        max_bytes: usize,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        on_logout: LogoutHook,
+    ) -> Self {
+        Self {
+            prefix,
+            max_bytes,
+            hub,
+            metrics,
+            on_logout,
+            drops: DropLog {
+                last: None,
+                suppressed: AtomicU64::new(0),
+            },
+        }
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Parses the subject and checks the body of one ingress message; a message that must not reach
+    /// clients is counted and logged here. With `skip_unheard`, a public or role message that no local
+    /// socket listens to is dropped before its body is decoded.
+    pub fn check(
+        &mut self,
+        subject: &str,
+        payload: &[u8],
+        skip_unheard: bool,
+    ) -> Option<Broadcast> {
+        self.metrics.nats_messages.fetch_add(1, Ordering::Relaxed);
+        let Some(topic) = subject_topic(&self.prefix, subject) else {
+            self.drop_message(subject, IngressDrop::BadSubject);
+            return None;
+        };
+        // Never skipped on user subjects, which carry `disconnect` and `logout`: those act on sessions
+        // that joined no topic.
+        if skip_unheard && !matches!(topic, Topic::User(_)) && !self.hub.has_subscribers(topic) {
+            self.metrics.ingress_drop(IngressDrop::NoSubscribers);
+            return None;
+        }
+        match decode(topic, payload, self.max_bytes) {
+            Ok(broadcast) => Some(broadcast),
+            Err(reason) => {
+                self.drop_message(subject, reason);
+                None
+            }
+        }
+    }
+
+    fn drop_message(&mut self, subject: &str, reason: IngressDrop) {
+        self.metrics.ingress_drop(reason);
+        self.drops.record(subject, reason);
+    }
+
+    /// Delivers a checked message to the local sockets of its topic (sockets that asked for positions get
+    /// `positioned`), then runs its side effect: `disconnect` closes the user's sockets instead of reaching
+    /// them, `logout` revokes its token after its delivery.
+    pub fn deliver(
+        &self,
+        broadcast: &Broadcast,
+        seq: u64,
+        positioned: impl FnOnce() -> protocol::Frame,
+        received: Instant,
+    ) {
+        let span = tracing::Span::current();
+        if let Some(Control::Disconnect(user)) = broadcast.control {
+            let closed = self.hub.close_user(user, Kick::Disconnected);
+            tracing::info!(%user, closed, "disconnect: closing the user's sockets");
+            return;
+        }
+        self.metrics.nats_event(&broadcast.event);
+        let delivery = self.hub.publish_stored(crate::hub::Message {
+            topic: broadcast.topic,
+            frame: &broadcast.frame,
+            positioned,
+            seq,
+            received,
+        });
+        span.record("event", broadcast.event.as_str());
+        span.record("topic", tracing::field::display(broadcast.topic));
+        span.record(
+            "sockets",
+            i64::try_from(delivery.queued).unwrap_or(i64::MAX),
+        );
+        span.record(
+            "dropped",
+            i64::try_from(delivery.overflowed).unwrap_or(i64::MAX),
+        );
+        if delivery.overflowed > 0 {
+            tracing::debug!(topic = %broadcast.topic, slow = delivery.overflowed, "slow consumers dropped");
+        }
+        if let Some(Control::Logout { user, token }) = &broadcast.control {
+            (self.on_logout)(*user, token);
+        }
+    }
+}
+
+/// The span of one ingress message, a child of the publisher's span when the message carries a W3C
+/// `traceparent`.
+pub fn message_span(subject: &str, headers: Option<&async_nats::HeaderMap>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "nats.message",
+        otel.kind = "consumer",
+        subject = %subject,
+        event = tracing::field::Empty,
+        topic = tracing::field::Empty,
+        sockets = tracing::field::Empty,
+        dropped = tracing::field::Empty,
+    );
+    continue_trace(&span, headers);
+    span
+}
+
+/// The core NATS path: one subscription to `<prefix>.user.*`, at most once. Runs until `stop`.
 ///
 /// # Errors
 /// When the subscription cannot be created.
 pub async fn run(
     nats: Nats,
-    subject_prefix: String,
-    max_bytes: usize,
-    hub: Arc<Hub>,
-    metrics: Arc<Metrics>,
-    on_logout: LogoutHook,
+    mut router: Router,
     stop: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
     let mut messages = nats
         .client()
-        .subscribe(format!("{subject_prefix}.user.*"))
+        .subscribe(format!("{}.user.*", router.prefix))
         .await?;
-    let mut drops = DropLog {
-        last: None,
-        suppressed: AtomicU64::new(0),
-    };
     loop {
         let message: Message = tokio::select! {
             () = stop.cancelled() => break,
@@ -176,61 +297,11 @@ pub async fn run(
             },
         };
         let received = Instant::now();
-        metrics.nats_messages.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!(
-            "nats.message",
-            otel.kind = "consumer",
-            subject = %message.subject,
-            event = tracing::field::Empty,
-            topic = tracing::field::Empty,
-            sockets = tracing::field::Empty,
-            dropped = tracing::field::Empty,
-        );
-        continue_trace(&span, message.headers.as_ref());
+        let span = message_span(&message.subject, message.headers.as_ref());
         let _entered = span.enter();
-        let Some(topic) = subject_topic(&subject_prefix, &message.subject) else {
-            metrics.ingress_drop(IngressDrop::BadSubject);
-            drops.record(&message.subject, IngressDrop::BadSubject);
-            continue;
-        };
-        // Skip the decode when nobody here listens, but never on user subjects, which carry `disconnect`
-        // and `logout`: those act on sessions that joined no topic.
-        if !matches!(topic, Topic::User(_)) && !hub.has_subscribers(topic) {
-            metrics.ingress_drop(IngressDrop::NoSubscribers);
-            continue;
-        }
-        match decode(topic, &message.payload, max_bytes) {
-            Ok(Broadcast {
-                control: Some(Control::Disconnect(user)),
-                ..
-            }) => {
-                let closed = hub.close_user(user, Kick::Disconnected);
-                tracing::info!(%user, closed, "disconnect: closing the user's sockets");
-            }
-            Ok(broadcast) => {
-                metrics.nats_event(&broadcast.event);
-                let delivery = hub.publish(broadcast.topic, &broadcast.frame, received);
-                span.record("event", broadcast.event.as_str());
-                span.record("topic", tracing::field::display(broadcast.topic));
-                span.record(
-                    "sockets",
-                    i64::try_from(delivery.queued).unwrap_or(i64::MAX),
-                );
-                span.record(
-                    "dropped",
-                    i64::try_from(delivery.overflowed).unwrap_or(i64::MAX),
-                );
-                if delivery.overflowed > 0 {
-                    tracing::debug!(topic = %broadcast.topic, slow = delivery.overflowed, "slow consumers dropped");
-                }
-                if let Some(Control::Logout { user, token }) = &broadcast.control {
-                    on_logout(*user, token);
-                }
-            }
-            Err(reason) => {
-                metrics.ingress_drop(reason);
-                drops.record(&message.subject, reason);
-            }
+        if let Some(broadcast) = router.check(&message.subject, &message.payload, true) {
+            let frame = broadcast.frame.clone();
+            router.deliver(&broadcast, 0, || frame, received);
         }
     }
     let _ = messages.unsubscribe().await;
