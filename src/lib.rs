@@ -31,6 +31,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod delivery;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
