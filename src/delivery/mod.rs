@@ -20,3 +20,4 @@
 //! Only [`stream`] and [`reader`] talk to NATS; the others are pure.
 
 pub mod position;
+pub mod stream;
