@@ -21,3 +21,4 @@
 
 pub mod position;
 pub mod stream;
+pub mod tracker;
