@@ -20,5 +20,6 @@
 //! Only [`stream`] and [`reader`] talk to NATS; the others are pure.
 
 pub mod position;
+pub mod recovery;
 pub mod stream;
 pub mod tracker;
