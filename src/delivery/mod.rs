@@ -23,3 +23,4 @@ pub mod position;
 pub mod recovery;
 pub mod stream;
 pub mod tracker;
+pub mod window;
