@@ -20,6 +20,7 @@
 //! Only [`stream`] and [`reader`] talk to NATS; the others are pure.
 
 pub mod position;
+pub mod reader;
 pub mod recovery;
 pub mod stream;
 pub mod tracker;
