@@ -51,6 +51,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod hub;
 pub mod limits;
