@@ -409,7 +409,10 @@ impl Settings {
         }
         for (key, value) in [
             ("delivery.history_secs", self.delivery.history_secs),
-            ("delivery.history_per_topic", self.delivery.history_per_topic),
+            (
+                "delivery.history_per_topic",
+                self.delivery.history_per_topic,
+            ),
             ("delivery.max_recover", self.delivery.max_recover),
         ] {
             if value == 0 {

@@ -145,7 +145,23 @@ pub struct Metrics {
     pub presence_local_users: AtomicI64,
     pub presence_online_users: AtomicI64,
     pub presence_write_errors: AtomicU64,
+    delivery_gaps_filled: AtomicU64,
+    delivery_caught_up: AtomicU64,
+    delivery_replayed: AtomicU64,
+    delivery_recoveries: [AtomicU64; RECOVERY_OUTCOMES.len()],
+    delivery_lag_micros: AtomicI64,
 }
+
+/// Outcomes of a join with `since`: recovered, or the reason it was not.
+const RECOVERY_OUTCOMES: [&str; 7] = [
+    "recovered",
+    "malformed",
+    "other_stream",
+    "from_the_future",
+    "expired",
+    "trimmed",
+    "too_many",
+];
 
 fn inc(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
@@ -199,6 +215,39 @@ impl Metrics {
             .position(|e| *e == event)
             .unwrap_or(KNOWN_EVENTS.len());
         inc(&self.nats_by_event[i]);
+    }
+
+    /// A gap in a topic's live events was read back from the event stream.
+    pub fn delivery_gap_filled(&self) {
+        inc(&self.delivery_gaps_filled);
+    }
+
+    /// Events delivered from the event stream rather than live (gap fills and catch-ups).
+    pub fn delivery_caught_up(&self, events: usize) {
+        self.delivery_caught_up
+            .fetch_add(events as u64, Ordering::Relaxed);
+    }
+
+    /// A recovery replayed `events` events.
+    pub fn delivery_replay(&self, events: usize) {
+        self.delivery_replayed
+            .fetch_add(events as u64, Ordering::Relaxed);
+    }
+
+    /// A join with `since` ended with `outcome` (see [`RECOVERY_OUTCOMES`]).
+    pub fn delivery_recovery(&self, outcome: &str) {
+        if let Some(i) = RECOVERY_OUTCOMES.iter().position(|o| *o == outcome) {
+            inc(&self.delivery_recoveries[i]);
+        }
+    }
+
+    /// Time from the stream storing an event to its copy reaching this instance.
+    pub fn delivery_lag(&self, stored: &std::time::SystemTime) {
+        let lag = stored.elapsed().unwrap_or_default();
+        self.delivery_lag_micros.store(
+            i64::try_from(lag.as_micros()).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     pub fn render(&self) -> String {
@@ -424,6 +473,50 @@ impl Metrics {
             "epoch_gateway_presence_write_errors_total",
             "Presence records that could not be written.",
             u(&self.presence_write_errors),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_delivery_gaps_filled_total",
+            "Gaps in a topic's live events read back from the event stream.",
+            u(&self.delivery_gaps_filled),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_delivery_caught_up_events_total",
+            "Events delivered from the event stream after a gap, a reconnect or a leader election.",
+            u(&self.delivery_caught_up),
+        );
+        counter(
+            &mut out,
+            "epoch_gateway_delivery_replayed_events_total",
+            "Events replayed to channels joined with since.",
+            u(&self.delivery_replayed),
+        );
+        header(
+            &mut out,
+            "epoch_gateway_delivery_recoveries_total",
+            "counter",
+            "Joins with since, by outcome.",
+        );
+        for (outcome, c) in RECOVERY_OUTCOMES.iter().zip(&self.delivery_recoveries) {
+            sample(
+                &mut out,
+                "epoch_gateway_delivery_recoveries_total",
+                &format!("outcome=\"{outcome}\""),
+                u(c),
+            );
+        }
+        header(
+            &mut out,
+            "epoch_gateway_delivery_lag_seconds",
+            "gauge",
+            "Time from the event stream storing the latest event to its copy arriving here.",
+        );
+        sample(
+            &mut out,
+            "epoch_gateway_delivery_lag_seconds",
+            "",
+            i(&self.delivery_lag_micros) as f64 / 1e6,
         );
         out
     }

@@ -156,7 +156,7 @@ pub fn close(join_ref: Option<&str>, topic: &str) -> Frame {
 /// `[null, null, topic, event, payload]`, with `payload` copied verbatim from already validated JSON.
 pub fn broadcast(topic: &str, event: &str, payload: &RawValue) -> Frame {
     let mut text = String::with_capacity(topic.len() + event.len() + payload.get().len() + 24);
-    text.push_str("[null,null,");
+    text.push_str(BROADCAST_HEAD);
     // Writing JSON strings into a String cannot fail.
     text.push_str(&serde_json::to_string(topic).expect("string serialises"));
     text.push(',');
@@ -164,6 +164,27 @@ pub fn broadcast(topic: &str, event: &str, payload: &RawValue) -> Frame {
     text.push(',');
     text.push_str(payload.get());
     text.push(']');
+    text.into()
+}
+
+/// What every frame of [`broadcast`] starts with: no join ref, no ref.
+const BROADCAST_HEAD: &str = "[null,null,";
+
+/// A [`broadcast`] frame with `msg_ref` in its ref slot: `[null, "<msg_ref>", topic, event, payload]`.
+pub fn with_ref(frame: &Frame, msg_ref: &str) -> Frame {
+    let body = frame
+        .as_str()
+        .strip_prefix(BROADCAST_HEAD)
+        .unwrap_or_else(|| {
+            debug_assert!(false, "not a broadcast frame");
+            frame.as_str()
+        });
+    let mut text = String::with_capacity(frame.len() + msg_ref.len() + 4);
+    text.push_str("[null,");
+    // Writing a JSON string into a String cannot fail.
+    text.push_str(&serde_json::to_string(msg_ref).expect("string serialises"));
+    text.push(',');
+    text.push_str(body);
     text.into()
 }
 

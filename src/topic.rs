@@ -97,6 +97,15 @@ impl Topic {
         }
     }
 
+    /// The last token of the topic's NATS subject: `public`, `role` or the user id.
+    pub fn subject_token(self) -> String {
+        match self {
+            Self::Public => "public".to_owned(),
+            Self::Role => "role".to_owned(),
+            Self::User(id) => id.to_string(),
+        }
+    }
+
     /// Short label for logs and metrics (never a user id: label values must stay few).
     pub const fn kind(self) -> &'static str {
         match self {

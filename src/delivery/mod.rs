@@ -19,6 +19,7 @@
 //!
 //! Only [`stream`] and [`reader`] talk to NATS; the others are pure.
 
+pub mod live;
 pub mod position;
 pub mod reader;
 pub mod recovery;
