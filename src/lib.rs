@@ -27,6 +27,27 @@
 //! - [`limits`]: the token bucket behind the connection and push rate limits.
 //! - [`metrics`], [`telemetry`]: Prometheus text and structured logs.
 
+/// Declares a fieldless enum together with `ALL`, its variants in declaration order, so that whatever is
+/// built from every variant (a metric's label values, the close-code table) cannot miss one.
+macro_rules! enum_with_all {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$variant_meta:meta])* $variant:ident,)+
+        }
+    ) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            $vis const ALL: &'static [Self] = &[$(Self::$variant,)+];
+        }
+    };
+}
+
 pub mod app;
 pub mod auth;
 pub mod broker;

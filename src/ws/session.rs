@@ -22,7 +22,7 @@ use crate::auth::Principal;
 use crate::hub::{Closer, Hub, Kick, Outbound, Queued};
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
-use crate::protocol::{self, Frame, close_code};
+use crate::protocol::{self, CloseCode, Frame};
 
 /// Most queued frames written before one flush: large enough to amortise the syscall, small enough to
 /// keep a burst from delaying a reply.
@@ -44,7 +44,7 @@ const CLIENT_SIDE_ENDS: [&str; 5] = [
 enum Step {
     Write(Queued),
     Inbound(Option<Result<Message, axum::Error>>),
-    Close(u16, &'static str),
+    Close(CloseCode),
     Kicked(Kick),
 }
 
@@ -132,10 +132,10 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
         let step = tokio::select! {
             biased;
             // The drain normally closes sockets in paced batches; this closes whatever it did not reach.
-            () = state.close_all.cancelled() => Step::Close(close_code::GOING_AWAY, "server shutting down"),
+            () = state.close_all.cancelled() => Step::Close(CloseCode::ShuttingDown),
             kick = closer.closed() => Step::Kicked(kick),
-            () = &mut idle => Step::Close(close_code::IDLE_TIMEOUT, "idle timeout"),
-            () = &mut expiry, if expires_in.is_some() => Step::Close(close_code::TOKEN_EXPIRED, "token expired"),
+            () = &mut idle => Step::Close(CloseCode::IdleTimeout),
+            () = &mut expiry, if expires_in.is_some() => Step::Close(CloseCode::TokenExpired),
             // `Channels` holds a sender for as long as this loop runs, so the queue never ends here.
             Some(frame) = queue.recv() => Step::Write(frame),
             message = socket.next() => Step::Inbound(message),
@@ -158,21 +158,17 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
             Step::Inbound(Some(Err(error))) => {
                 let error = error.into_inner();
                 let refusal = match error.downcast_ref::<tungstenite::Error>() {
-                    Some(tungstenite::Error::Capacity(_)) => {
-                        Some((close_code::MESSAGE_TOO_BIG, "message too big"))
-                    }
-                    Some(tungstenite::Error::Utf8(_)) => {
-                        Some((close_code::INVALID_FRAME, "text frame is not UTF-8"))
-                    }
+                    Some(tungstenite::Error::Capacity(_)) => Some(CloseCode::MessageTooBig),
+                    Some(tungstenite::Error::Utf8(_)) => Some(CloseCode::InvalidUtf8),
                     _ => None,
                 };
-                if let Some((code, reason)) = refusal {
+                if let Some(code) = refusal {
                     state
                         .metrics
                         .invalid_client_frames
                         .fetch_add(1, Ordering::Relaxed);
-                    close(&mut socket, &state.metrics, code, reason).await;
-                    break reason;
+                    close(&mut socket, &state.metrics, code).await;
+                    break code.reason();
                 }
                 tracing::debug!(%error, "socket read failed");
                 break "read failed";
@@ -188,14 +184,9 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                                 .fetch_add(1, Ordering::Relaxed);
                             refused += 1;
                             if refused > per_sec {
-                                close(
-                                    &mut socket,
-                                    &state.metrics,
-                                    close_code::POLICY_VIOLATION,
-                                    "too many messages",
-                                )
-                                .await;
-                                break "too many messages";
+                                let code = CloseCode::TooManyMessages;
+                                close(&mut socket, &state.metrics, code).await;
+                                break code.reason();
                             }
                             if write_all(&mut socket, vec![Channels::rate_limited(&frame)])
                                 .await
@@ -224,14 +215,9 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                                 .invalid_client_frames
                                 .fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(%error, "invalid client frame");
-                            close(
-                                &mut socket,
-                                &state.metrics,
-                                close_code::INVALID_FRAME,
-                                "invalid frame",
-                            )
-                            .await;
-                            break "invalid frame";
+                            let code = CloseCode::InvalidFrame;
+                            close(&mut socket, &state.metrics, code).await;
+                            break code.reason();
                         }
                     },
                     Message::Binary(_) => {
@@ -239,14 +225,9 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                             .metrics
                             .invalid_client_frames
                             .fetch_add(1, Ordering::Relaxed);
-                        close(
-                            &mut socket,
-                            &state.metrics,
-                            close_code::UNSUPPORTED_DATA,
-                            "text frames only",
-                        )
-                        .await;
-                        break "binary frame";
+                        let code = CloseCode::BinaryFrame;
+                        close(&mut socket, &state.metrics, code).await;
+                        break code.reason();
                     }
                     // Pings are answered by the WebSocket layer on the next flush.
                     Message::Ping(_) | Message::Pong(_) => {
@@ -259,20 +240,15 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                     }
                 }
             }
-            Step::Close(code, reason) => {
-                close(&mut socket, &state.metrics, code, reason).await;
-                break reason;
+            Step::Close(code) => {
+                close(&mut socket, &state.metrics, code).await;
+                break code.reason();
             }
             Step::Kicked(Kick::SlowConsumer) => {
                 state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                close(
-                    &mut socket,
-                    &state.metrics,
-                    close_code::SLOW_CONSUMER,
-                    "slow consumer",
-                )
-                .await;
-                break "slow consumer";
+                let code = CloseCode::SlowConsumer;
+                close(&mut socket, &state.metrics, code).await;
+                break code.reason();
             }
             Step::Kicked(kick) => {
                 // Deliver what is already queued (the `logout` event itself) before closing.
@@ -286,13 +262,9 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                         break;
                     }
                 }
-                let (code, reason) = match kick {
-                    Kick::Revoked => (close_code::TOKEN_REVOKED, "token revoked"),
-                    Kick::ShuttingDown => (close_code::GOING_AWAY, "server shutting down"),
-                    _ => (close_code::DISCONNECTED, "disconnected by the server"),
-                };
-                close(&mut socket, &state.metrics, code, reason).await;
-                break reason;
+                let code = kick_code(kick);
+                close(&mut socket, &state.metrics, code).await;
+                break code.reason();
             }
         }
     };
@@ -301,6 +273,16 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
     }
     drop(channels);
     tracing::debug!(reason, "socket closed");
+}
+
+/// The close code of a socket closed from outside its session.
+fn kick_code(kick: Kick) -> CloseCode {
+    match kick {
+        Kick::SlowConsumer => CloseCode::SlowConsumer,
+        Kick::Revoked => CloseCode::TokenRevoked,
+        Kick::Disconnected => CloseCode::Disconnected,
+        Kick::ShuttingDown => CloseCode::ShuttingDown,
+    }
 }
 
 async fn write_batch(
@@ -336,11 +318,11 @@ async fn write_all(socket: &mut WebSocket, frames: Vec<Frame>) -> Result<(), axu
 
 /// Sends a close frame and waits (briefly) for the client's: dropping the connection at once could reset
 /// it before the client has read the close code. A client that does not answer in time is dropped anyway.
-async fn close(socket: &mut WebSocket, metrics: &Metrics, code: u16, reason: &'static str) {
-    metrics.close(code);
+async fn close(socket: &mut WebSocket, metrics: &Metrics, code: CloseCode) {
+    metrics.close(code.code());
     let frame = CloseFrame {
-        code,
-        reason: reason.into(),
+        code: code.code(),
+        reason: code.reason().into(),
     };
     let handshake = async {
         socket.send(Message::Close(Some(frame))).await?;
