@@ -91,7 +91,7 @@ impl AppState {
     fn ready(&self) -> bool {
         !self.shutdown.is_cancelled()
             && self.bucket_ready.load(Ordering::Relaxed)
-            && self.metrics.nats_connected.load(Ordering::Relaxed) == 1
+            && self.metrics.nats_connected()
     }
 }
 
@@ -383,7 +383,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::IntoResponse {
     (
-        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        [("content-type", crate::metrics::CONTENT_TYPE)],
         state.metrics.render(),
     )
 }

@@ -78,9 +78,9 @@ pub async fn connect(
 fn on_event(health: &NatsHealth, metrics: &Metrics, event: Event) {
     match event {
         Event::Connected => {
-            metrics.nats_connected.store(1, Ordering::Relaxed);
+            metrics.nats_connection(true);
             if health.ever_connected.swap(true, Ordering::Relaxed) {
-                metrics.nats_reconnects.fetch_add(1, Ordering::Relaxed);
+                metrics.nats_reconnected();
                 health.reconnects_tx.send_modify(|n| *n += 1);
                 tracing::info!("reconnected to NATS");
             } else {
@@ -88,11 +88,11 @@ fn on_event(health: &NatsHealth, metrics: &Metrics, event: Event) {
             }
         }
         Event::Disconnected => {
-            metrics.nats_connected.store(0, Ordering::Relaxed);
+            metrics.nats_connection(false);
             tracing::warn!("disconnected from NATS; reconnecting");
         }
         Event::Closed => {
-            metrics.nats_connected.store(0, Ordering::Relaxed);
+            metrics.nats_connection(false);
             tracing::info!("NATS connection closed");
         }
         other => tracing::warn!(event = %other, "NATS event"),
@@ -246,7 +246,7 @@ pub async fn run_ingress(
             },
         };
         let received = Instant::now();
-        metrics.nats_messages.fetch_add(1, Ordering::Relaxed);
+        metrics.nats_message();
         let span = tracing::info_span!(
             "nats.message",
             otel.kind = "consumer",
@@ -264,7 +264,7 @@ pub async fn run_ingress(
         let listening = subject_topic(&subject_prefix, &message.subject)
             .is_none_or(|topic| matches!(topic, Topic::User(_)) || hub.has_subscribers(topic));
         if !listening {
-            metrics.ingress_drop(IngressDrop::NoSubscribers);
+            metrics.ingress_dropped(IngressDrop::NoSubscribers);
             continue;
         }
         match decode(
@@ -301,7 +301,7 @@ pub async fn run_ingress(
                 }
             }
             Err(reason) => {
-                metrics.ingress_drop(reason);
+                metrics.ingress_dropped(reason);
                 drops.record(&message.subject, reason);
             }
         }

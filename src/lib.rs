@@ -25,7 +25,7 @@
 //! - [`ws`]: the upgrade handler, the per-socket session, and the channel logic.
 //! - [`app`]: wiring, HTTP routes (`/healthz`, `/readyz`, `/metrics`) and ordered shutdown.
 //! - [`limits`]: the token bucket behind the connection and push rate limits.
-//! - [`metrics`], [`telemetry`]: Prometheus text and structured logs.
+//! - [`metrics`], [`telemetry`]: OpenMetrics text (Prometheus scrapes it) and structured logs.
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order, so that whatever is
 /// built from every variant (a metric's label values, the close-code table) cannot miss one.

@@ -6,7 +6,6 @@
 //! ended, however it ended) leaves every joined topic.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -168,7 +167,7 @@ impl Channels {
             }
             // Anonymous, or another user's channel: the reason Epochtalk gives in both cases.
             (Route::Role | Route::User(_), _) => {
-                self.metrics.joins_refused.fetch_add(1, Ordering::Relaxed);
+                self.metrics.join_refused();
                 let reason = format!("unauthorized, cannot join '{name}' channel");
                 return error(join_ref.as_deref(), msg_ref, &name, &reason);
             }
@@ -178,7 +177,7 @@ impl Channels {
         if let (Topic::Public, Some(user)) = (topic, user) {
             self.presence.join(user);
         }
-        self.metrics.join(topic.kind());
+        self.metrics.joined(topic.kind());
         let reply = protocol::reply(join_ref.as_deref(), msg_ref, &name, Status::Ok, &Empty {});
         self.joined.push(Joined {
             name,
@@ -195,9 +194,7 @@ impl Channels {
         topic: &str,
         payload: &Value,
     ) -> Frame {
-        self.metrics
-            .is_online_queries
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.is_online_query();
         let span = tracing::info_span!("is_online", online = tracing::field::Empty).entered();
         let Some(id) = payload.get("user_id") else {
             return error(join_ref, msg_ref, topic, REASON_INVALID_USER_ID);

@@ -9,7 +9,6 @@ pub mod channel;
 pub mod session;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Query, State};
@@ -19,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::app::AppState;
+use crate::metrics::Refusal;
 
 /// Phoenix's V2 serializer requirement is `~> 2.0.0`: any 2.0.x.
 const SUPPORTED_VSN_PREFIX: &str = "2.0.";
@@ -98,17 +98,11 @@ pub async fn upgrade(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .try_take();
     if !within_rate {
-        state
-            .metrics
-            .upgrades_refused_limit
-            .fetch_add(1, Ordering::Relaxed);
+        state.metrics.upgrade_refused(Refusal::Limit);
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
-        state
-            .metrics
-            .upgrades_refused_limit
-            .fetch_add(1, Ordering::Relaxed);
+        state.metrics.upgrade_refused(Refusal::Limit);
         tracing::warn!("socket refused: connection limit reached");
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
@@ -117,10 +111,7 @@ pub async fn upgrade(
             .to_str()
             .is_ok_and(|origin| state.origins.allows(origin));
         if !allowed {
-            state
-                .metrics
-                .upgrades_refused_origin
-                .fetch_add(1, Ordering::Relaxed);
+            state.metrics.upgrade_refused(Refusal::Origin);
             tracing::info!(origin = ?origin, "socket refused: origin not allowed");
             return StatusCode::FORBIDDEN.into_response();
         }
@@ -130,10 +121,7 @@ pub async fn upgrade(
         .as_deref()
         .is_some_and(|vsn| vsn.starts_with(SUPPORTED_VSN_PREFIX));
     if !vsn_ok {
-        state
-            .metrics
-            .upgrades_refused_vsn
-            .fetch_add(1, Ordering::Relaxed);
+        state.metrics.upgrade_refused(Refusal::Vsn);
         return StatusCode::FORBIDDEN.into_response();
     }
     let principal = match params.token.as_deref() {
@@ -155,7 +143,7 @@ pub async fn upgrade(
             }
             Err(error) => {
                 span.record("auth", error.label());
-                state.metrics.auth_failure(error.label());
+                state.metrics.auth_failed(error.failure());
                 tracing::info!(reason = %error, "socket refused: invalid token");
                 return StatusCode::FORBIDDEN.into_response();
             }

@@ -7,7 +7,6 @@
 //! drops [`Channels`] and the hub registration, which unsubscribes the socket and releases its presence.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -21,7 +20,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::hub::{Closer, Hub, Kick, Outbound, Queued};
 use crate::limits::TokenBucket;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionKind, Metrics};
 use crate::protocol::{self, CloseCode, Frame};
 
 /// Most queued frames written before one flush: large enough to amortise the syscall, small enough to
@@ -74,20 +73,16 @@ pub async fn run(
     let conn = state.next_conn_id();
     let user = principal.as_ref().map(|p| p.user_id.get());
     let span = tracing::info_span!("socket", node = %state.presence.node(), conn, user);
-    let gauge = if principal.is_some() {
-        &state.metrics.connections_authenticated
+    let kind = if principal.is_some() {
+        ConnectionKind::Authenticated
     } else {
-        &state.metrics.connections_anonymous
+        ConnectionKind::Anonymous
     };
-    gauge.fetch_add(1, Ordering::Relaxed);
-    state
-        .metrics
-        .connections_opened
-        .fetch_add(1, Ordering::Relaxed);
+    state.metrics.connection_opened(kind);
     serve(socket, &state, principal, conn)
         .instrument(span)
         .await;
-    gauge.fetch_sub(1, Ordering::Relaxed);
+    state.metrics.connection_closed(kind);
 }
 
 async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Principal>, conn: u64) {
@@ -148,7 +143,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                 };
                 match written {
                     Ok(Ok(count)) => {
-                        state.metrics.frames_out.fetch_add(count, Ordering::Relaxed);
+                        state.metrics.frames_written(count);
                     }
                     Ok(Err(_)) => break "write failed",
                     Err(_) => break "write timed out",
@@ -163,10 +158,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                     _ => None,
                 };
                 if let Some(code) = refusal {
-                    state
-                        .metrics
-                        .invalid_client_frames
-                        .fetch_add(1, Ordering::Relaxed);
+                    state.metrics.invalid_client_frame();
                     close(&mut socket, &state.metrics, code).await;
                     break code.reason();
                 }
@@ -178,10 +170,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                 match message {
                     Message::Text(text) => match protocol::decode(text.as_str()) {
                         Ok(frame) if !pushes.try_take() => {
-                            state
-                                .metrics
-                                .pushes_rate_limited
-                                .fetch_add(1, Ordering::Relaxed);
+                            state.metrics.push_rate_limited();
                             refused += 1;
                             if refused > per_sec {
                                 let code = CloseCode::TooManyMessages;
@@ -205,15 +194,12 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                                 break "write failed";
                             }
                             if is_online {
-                                state.metrics.is_online_latency.observe(started.elapsed());
+                                state.metrics.is_online_answered(started.elapsed());
                             }
-                            state.metrics.frames_out.fetch_add(count, Ordering::Relaxed);
+                            state.metrics.frames_written(count);
                         }
                         Err(error) => {
-                            state
-                                .metrics
-                                .invalid_client_frames
-                                .fetch_add(1, Ordering::Relaxed);
+                            state.metrics.invalid_client_frame();
                             tracing::debug!(%error, "invalid client frame");
                             let code = CloseCode::InvalidFrame;
                             close(&mut socket, &state.metrics, code).await;
@@ -221,10 +207,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                         }
                     },
                     Message::Binary(_) => {
-                        state
-                            .metrics
-                            .invalid_client_frames
-                            .fetch_add(1, Ordering::Relaxed);
+                        state.metrics.invalid_client_frame();
                         let code = CloseCode::BinaryFrame;
                         close(&mut socket, &state.metrics, code).await;
                         break code.reason();
@@ -245,7 +228,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
                 break code.reason();
             }
             Step::Kicked(Kick::SlowConsumer) => {
-                state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                state.metrics.slow_consumer_closed();
                 let code = CloseCode::SlowConsumer;
                 close(&mut socket, &state.metrics, code).await;
                 break code.reason();
@@ -269,7 +252,7 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
         }
     };
     if CLIENT_SIDE_ENDS.contains(&reason) {
-        state.metrics.close(0);
+        state.metrics.closed_by_client();
     }
     drop(channels);
     tracing::debug!(reason, "socket closed");
@@ -300,7 +283,7 @@ async fn write_batch(
         count += 1;
     }
     socket.flush().await?;
-    metrics.fanout_latency.observe(received.elapsed());
+    metrics.fanout_latency(received.elapsed());
     Ok(count)
 }
 
@@ -319,7 +302,7 @@ async fn write_all(socket: &mut WebSocket, frames: Vec<Frame>) -> Result<(), axu
 /// Sends a close frame and waits (briefly) for the client's: dropping the connection at once could reset
 /// it before the client has read the close code. A client that does not answer in time is dropped anyway.
 async fn close(socket: &mut WebSocket, metrics: &Metrics, code: CloseCode) {
-    metrics.close(code.code());
+    metrics.close_sent(code);
     let frame = CloseFrame {
         code: code.code(),
         reason: code.reason().into(),
