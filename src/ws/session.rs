@@ -6,6 +6,7 @@
 //! a logout or a disconnect first gets what was queued for it (the `logout` event itself). Every exit path
 //! drops [`Channels`] and the hub registration, which unsubscribes the socket and releases its presence.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use crate::auth::Principal;
 use crate::hub::{Closer, Hub, Kick, Outbound, Queued};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnectionKind, Metrics};
-use crate::protocol::{self, CloseCode, Frame};
+use crate::protocol::{self, ClientFrame, CloseCode, Frame};
 
 /// Most queued frames written before one flush: large enough to amortise the syscall, small enough to
 /// keep a burst from delaying a reply.
@@ -31,15 +32,43 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a close frame may take; the socket is dropped after it either way.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Ends of a session in which the gateway sends no close code.
-const CLIENT_SIDE_ENDS: [&str; 5] = [
-    "write failed",
-    "write timed out",
-    "client went away",
-    "read failed",
-    "client closed",
-];
+/// How a session ended: the close code the gateway sent, or why it ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The gateway closed the socket with this code.
+    Closed(CloseCode),
+    /// A write to the socket failed.
+    WriteFailed,
+    /// A write did not finish within [`WRITE_TIMEOUT`]: the client stopped reading.
+    WriteTimedOut,
+    /// The connection ended without a close frame.
+    ClientWentAway,
+    /// Reading from the socket failed.
+    ReadFailed,
+    /// The client sent a close frame.
+    ClientClosed,
+}
 
+impl End {
+    /// Whether the gateway sent no close code: the client closed, or the connection failed.
+    const fn is_client_side(self) -> bool {
+        !matches!(self, Self::Closed(_))
+    }
+
+    /// The reason logged when the session ends.
+    const fn reason(self) -> &'static str {
+        match self {
+            Self::Closed(code) => code.reason(),
+            Self::WriteFailed => "write failed",
+            Self::WriteTimedOut => "write timed out",
+            Self::ClientWentAway => "client went away",
+            Self::ReadFailed => "read failed",
+            Self::ClientClosed => "client closed",
+        }
+    }
+}
+
+/// What one turn of the session loop woke up for.
 enum Step {
     Write(Queued),
     Inbound(Option<Result<Message, axum::Error>>),
@@ -85,9 +114,9 @@ pub async fn run(
     state.metrics.connection_closed(kind);
 }
 
-async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Principal>, conn: u64) {
+async fn serve(socket: WebSocket, state: &AppState, principal: Option<Principal>, conn: u64) {
     tracing::debug!("socket opened");
-    let (tx, mut queue) = mpsc::channel(state.limits.outbound_queue);
+    let (tx, queue) = mpsc::channel(state.limits.outbound_queue);
     let closer = Closer::new();
     state.hub.register_socket(conn, closer.clone());
     if let Some(principal) = &principal {
@@ -106,7 +135,10 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
         .map(|p| Duration::from_secs(p.expires_at.saturating_sub(crate::auth::unix_now())));
     let expiry = tokio::time::sleep(expires_in.unwrap_or(Duration::MAX / 4));
     tokio::pin!(expiry);
-    let mut channels = Channels::new(
+    let idle_timeout = state.limits.idle_timeout;
+    let idle = tokio::time::sleep(state.limits.first_frame_timeout.min(idle_timeout));
+    tokio::pin!(idle);
+    let channels = Channels::new(
         conn,
         state.limits.max_topics,
         principal,
@@ -115,15 +147,18 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
         Arc::clone(&state.presence),
         Arc::clone(&state.metrics),
     );
-    let idle_timeout = state.limits.idle_timeout;
-    let idle = tokio::time::sleep(state.limits.first_frame_timeout.min(idle_timeout));
-    tokio::pin!(idle);
-    let per_sec = state.limits.max_pushes_per_sec;
-    let mut pushes = TokenBucket::new(per_sec, state.limits.push_burst);
-    // Frames refused since the budget ran out; a second's worth more closes the socket.
-    let mut refused: u32 = 0;
+    let mut session = Session {
+        socket,
+        queue,
+        pending: None,
+        channels,
+        pushes: TokenBucket::new(state.limits.max_pushes_per_sec, state.limits.push_burst),
+        max_refused: state.limits.max_pushes_per_sec,
+        refused: 0,
+        metrics: &state.metrics,
+    };
 
-    let reason = loop {
+    let end = loop {
         let step = tokio::select! {
             biased;
             // The drain normally closes sockets in paced batches; this closes whatever it did not reach.
@@ -132,189 +167,214 @@ async fn serve(mut socket: WebSocket, state: &AppState, principal: Option<Princi
             () = &mut idle => Step::Close(CloseCode::IdleTimeout),
             () = &mut expiry, if expires_in.is_some() => Step::Close(CloseCode::TokenExpired),
             // `Channels` holds a sender for as long as this loop runs, so the queue never ends here.
-            Some(frame) = queue.recv() => Step::Write(frame),
-            message = socket.next() => Step::Inbound(message),
+            Some(frame) = session.queue.recv() => Step::Write(frame),
+            message = session.socket.next() => Step::Inbound(message),
         };
-        match step {
-            Step::Write(first) => {
-                let written = tokio::select! {
-                    result = timeout(WRITE_TIMEOUT, write_batch(&mut socket, first, &mut queue, &state.metrics)) => result,
-                    _ = closer.closed() => continue,
-                };
-                match written {
-                    Ok(Ok(count)) => {
-                        state.metrics.frames_written(count);
-                    }
-                    Ok(Err(_)) => break "write failed",
-                    Err(_) => break "write timed out",
-                }
-            }
-            Step::Inbound(None) => break "client went away",
-            Step::Inbound(Some(Err(error))) => {
-                let error = error.into_inner();
-                let refusal = match error.downcast_ref::<tungstenite::Error>() {
-                    Some(tungstenite::Error::Capacity(_)) => Some(CloseCode::MessageTooBig),
-                    Some(tungstenite::Error::Utf8(_)) => Some(CloseCode::InvalidUtf8),
-                    _ => None,
-                };
-                if let Some(code) = refusal {
-                    state.metrics.invalid_client_frame();
-                    close(&mut socket, &state.metrics, code).await;
-                    break code.reason();
-                }
-                tracing::debug!(%error, "socket read failed");
-                break "read failed";
-            }
+        let flow = match step {
+            Step::Write(first) => session.write_queued(first, &closer).await,
+            Step::Inbound(None) => ControlFlow::Break(End::ClientWentAway),
+            Step::Inbound(Some(Err(error))) => ControlFlow::Break(session.read_failed(error).await),
             Step::Inbound(Some(Ok(message))) => {
                 idle.as_mut().reset(Instant::now() + idle_timeout);
-                match message {
-                    Message::Text(text) => match protocol::decode(text.as_str()) {
-                        Ok(frame) if !pushes.try_take() => {
-                            state.metrics.push_rate_limited();
-                            refused += 1;
-                            if refused > per_sec {
-                                let code = CloseCode::TooManyMessages;
-                                close(&mut socket, &state.metrics, code).await;
-                                break code.reason();
-                            }
-                            if write_all(&mut socket, vec![Channels::rate_limited(&frame)])
-                                .await
-                                .is_err()
-                            {
-                                break "write failed";
-                            }
-                        }
-                        Ok(frame) => {
-                            refused = 0;
-                            let started = std::time::Instant::now();
-                            let is_online = frame.event == EVENT_IS_ONLINE;
-                            let replies = channels.handle(frame);
-                            let count = replies.len() as u64;
-                            if write_all(&mut socket, replies).await.is_err() {
-                                break "write failed";
-                            }
-                            if is_online {
-                                state.metrics.is_online_answered(started.elapsed());
-                            }
-                            state.metrics.frames_written(count);
-                        }
-                        Err(error) => {
-                            state.metrics.invalid_client_frame();
-                            tracing::debug!(%error, "invalid client frame");
-                            let code = CloseCode::InvalidFrame;
-                            close(&mut socket, &state.metrics, code).await;
-                            break code.reason();
-                        }
-                    },
-                    Message::Binary(_) => {
-                        state.metrics.invalid_client_frame();
-                        let code = CloseCode::BinaryFrame;
-                        close(&mut socket, &state.metrics, code).await;
-                        break code.reason();
-                    }
-                    // Pings are answered by the WebSocket layer on the next flush.
-                    Message::Ping(_) | Message::Pong(_) => {
-                        let _ = timeout(WRITE_TIMEOUT, socket.flush()).await;
-                    }
-                    Message::Close(_) => {
-                        // Answer the close handshake promptly: phoenix.js waits for it before rejoining.
-                        let _ = timeout(WRITE_TIMEOUT, socket.flush()).await;
-                        break "client closed";
-                    }
-                }
+                session.inbound(message).await
             }
-            Step::Close(code) => {
-                close(&mut socket, &state.metrics, code).await;
-                break code.reason();
-            }
-            Step::Kicked(Kick::SlowConsumer) => {
-                state.metrics.slow_consumer_closed();
-                let code = CloseCode::SlowConsumer;
-                close(&mut socket, &state.metrics, code).await;
-                break code.reason();
-            }
-            Step::Kicked(kick) => {
-                // Deliver what is already queued (the `logout` event itself) before closing.
-                while let Ok(frame) = queue.try_recv() {
-                    let flushed = timeout(
-                        CLOSE_TIMEOUT,
-                        write_batch(&mut socket, frame, &mut queue, &state.metrics),
-                    )
-                    .await;
-                    if !matches!(flushed, Ok(Ok(_))) {
-                        break;
-                    }
-                }
-                let code = kick_code(kick);
-                close(&mut socket, &state.metrics, code).await;
-                break code.reason();
-            }
+            Step::Close(code) => ControlFlow::Break(session.close(code).await),
+            Step::Kicked(kick) => ControlFlow::Break(session.kicked(kick).await),
+        };
+        if let ControlFlow::Break(end) = flow {
+            break end;
         }
     };
-    if CLIENT_SIDE_ENDS.contains(&reason) {
+    if end.is_client_side() {
         state.metrics.closed_by_client();
     }
-    drop(channels);
-    tracing::debug!(reason, "socket closed");
+    drop(session);
+    tracing::debug!(reason = end.reason(), "socket closed");
 }
 
-/// The close code of a socket closed from outside its session.
-fn kick_code(kick: Kick) -> CloseCode {
-    match kick {
-        Kick::SlowConsumer => CloseCode::SlowConsumer,
-        Kick::Revoked => CloseCode::TokenRevoked,
-        Kick::Disconnected => CloseCode::Disconnected,
-        Kick::ShuttingDown => CloseCode::ShuttingDown,
-    }
+/// The socket and everything its session reads and writes.
+struct Session<'a> {
+    socket: WebSocket,
+    queue: mpsc::Receiver<Queued>,
+    /// The next queued frame to write, taken off the queue but not yet handed to the socket.
+    pending: Option<Queued>,
+    channels: Channels,
+    pushes: TokenBucket,
+    /// Frames refused in a row (a second's worth of the rate) after which the socket is closed.
+    max_refused: u32,
+    /// Frames refused since the budget ran out.
+    refused: u32,
+    metrics: &'a Metrics,
 }
 
-async fn write_batch(
-    socket: &mut WebSocket,
-    first: Queued,
-    queue: &mut mpsc::Receiver<Queued>,
-    metrics: &Metrics,
-) -> Result<u64, axum::Error> {
-    let received = first.received();
-    socket.feed(Message::Text(first.frame())).await?;
-    let mut count = 1;
-    while count < MAX_BATCH as u64 {
-        let Ok(queued) = queue.try_recv() else { break };
-        socket.feed(Message::Text(queued.frame())).await?;
-        count += 1;
-    }
-    socket.flush().await?;
-    metrics.fanout_latency(received.elapsed());
-    Ok(count)
-}
-
-async fn write_all(socket: &mut WebSocket, frames: Vec<Frame>) -> Result<(), axum::Error> {
-    let write = async {
-        for frame in frames {
-            socket.feed(Message::Text(frame)).await?;
+impl Session<'_> {
+    /// Writes a batch of queued frames, `first` first. A kick interrupts the batch and is handled on the
+    /// next turn of the loop.
+    async fn write_queued(&mut self, first: Queued, closer: &Closer) -> ControlFlow<End> {
+        self.pending = Some(first);
+        // Cancelling `write_batch` loses no frame (see there).
+        tokio::select! {
+            written = timeout(WRITE_TIMEOUT, self.write_batch()) => match written {
+                Ok(Ok(_)) => ControlFlow::Continue(()),
+                Ok(Err(_)) => ControlFlow::Break(End::WriteFailed),
+                Err(_) => ControlFlow::Break(End::WriteTimedOut),
+            },
+            _ = closer.closed() => ControlFlow::Continue(()),
         }
-        socket.flush().await
-    };
-    timeout(WRITE_TIMEOUT, write)
-        .await
-        .unwrap_or_else(|_| Err(axum::Error::new("write timed out")))
-}
+    }
 
-/// Sends a close frame and waits (briefly) for the client's: dropping the connection at once could reset
-/// it before the client has read the close code. A client that does not answer in time is dropped anyway.
-async fn close(socket: &mut WebSocket, metrics: &Metrics, code: CloseCode) {
-    metrics.close_sent(code);
-    let frame = CloseFrame {
-        code: code.code(),
-        reason: code.reason().into(),
-    };
-    let handshake = async {
-        socket.send(Message::Close(Some(frame))).await?;
-        while let Some(message) = socket.next().await {
-            if matches!(message?, Message::Close(_)) {
+    /// Writes the pending frame and up to [`MAX_BATCH`] frames in all from the queue, with one flush.
+    /// Returns how many it wrote.
+    ///
+    /// Cancel-safe: it awaits only the socket's readiness and its flush, and holds no frame while it does.
+    /// A frame leaves `pending` only once the socket has room for it, and then in the same poll; the
+    /// socket keeps what it was given, and the next write (a close frame too) flushes it. Cancelled, the
+    /// batch loses no frame, only its latency sample.
+    async fn write_batch(&mut self) -> Result<usize, axum::Error> {
+        let mut written = 0;
+        let mut first_received = None;
+        while written < MAX_BATCH {
+            if self.pending.is_none() {
+                let Ok(queued) = self.queue.try_recv() else {
+                    break;
+                };
+                self.pending = Some(queued);
+            }
+            std::future::poll_fn(|cx| self.socket.poll_ready_unpin(cx)).await?;
+            // Taken only now that the socket has room: a wait cancelled above leaves it pending.
+            let Some(queued) = self.pending.take() else {
                 break;
+            };
+            first_received.get_or_insert(queued.received());
+            self.socket
+                .start_send_unpin(Message::Text(queued.frame()))?;
+            self.metrics.frames_written(1);
+            written += 1;
+        }
+        self.socket.flush().await?;
+        if let Some(received) = first_received {
+            self.metrics.fanout_latency(received.elapsed());
+        }
+        Ok(written)
+    }
+
+    /// Writes the replies to one client frame right away.
+    async fn reply(&mut self, frames: Vec<Frame>) -> ControlFlow<End> {
+        let write = async {
+            for frame in frames {
+                self.socket.feed(Message::Text(frame)).await?;
+            }
+            self.socket.flush().await
+        };
+        match timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => ControlFlow::Continue(()),
+            Ok(Err(_)) | Err(_) => ControlFlow::Break(End::WriteFailed),
+        }
+    }
+
+    async fn inbound(&mut self, message: Message) -> ControlFlow<End> {
+        match message {
+            Message::Text(text) => match protocol::decode(text.as_str()) {
+                Ok(frame) => self.push(frame).await,
+                Err(error) => {
+                    self.metrics.invalid_client_frame();
+                    tracing::debug!(%error, "invalid client frame");
+                    ControlFlow::Break(self.close(CloseCode::InvalidFrame).await)
+                }
+            },
+            Message::Binary(_) => {
+                self.metrics.invalid_client_frame();
+                ControlFlow::Break(self.close(CloseCode::BinaryFrame).await)
+            }
+            // Pings are answered by the WebSocket layer on the next flush.
+            Message::Ping(_) | Message::Pong(_) => {
+                let _ = timeout(WRITE_TIMEOUT, self.socket.flush()).await;
+                ControlFlow::Continue(())
+            }
+            Message::Close(_) => {
+                // Answer the close handshake promptly: phoenix.js waits for it before rejoining.
+                let _ = timeout(WRITE_TIMEOUT, self.socket.flush()).await;
+                ControlFlow::Break(End::ClientClosed)
             }
         }
-        Ok::<_, axum::Error>(())
-    };
-    let _ = timeout(CLOSE_TIMEOUT, handshake).await;
+    }
+
+    /// One decoded client frame: answered, or refused by the rate limit.
+    async fn push(&mut self, frame: ClientFrame) -> ControlFlow<End> {
+        if !self.pushes.try_take() {
+            self.metrics.push_rate_limited();
+            self.refused += 1;
+            if self.refused > self.max_refused {
+                return ControlFlow::Break(self.close(CloseCode::TooManyMessages).await);
+            }
+            return self.reply(vec![Channels::rate_limited(&frame)]).await;
+        }
+        self.refused = 0;
+        let started = std::time::Instant::now();
+        let is_online = frame.event == EVENT_IS_ONLINE;
+        let replies = self.channels.handle(frame);
+        let count = replies.len() as u64;
+        self.reply(replies).await?;
+        if is_online {
+            self.metrics.is_online_answered(started.elapsed());
+        }
+        self.metrics.frames_written(count);
+        ControlFlow::Continue(())
+    }
+
+    /// A read error: a message the WebSocket layer refused gets its close code, anything else ends the
+    /// session.
+    async fn read_failed(&mut self, error: axum::Error) -> End {
+        let error = error.into_inner();
+        let code = match error.downcast_ref::<tungstenite::Error>() {
+            Some(tungstenite::Error::Capacity(_)) => CloseCode::MessageTooBig,
+            Some(tungstenite::Error::Utf8(_)) => CloseCode::InvalidUtf8,
+            _ => {
+                tracing::debug!(%error, "socket read failed");
+                return End::ReadFailed;
+            }
+        };
+        self.metrics.invalid_client_frame();
+        self.close(code).await
+    }
+
+    /// Closes a socket closed from outside its session. A slow consumer is closed at once; any other kick
+    /// first delivers what is already queued (the `logout` event itself).
+    async fn kicked(&mut self, kick: Kick) -> End {
+        let code = match kick {
+            Kick::SlowConsumer => {
+                self.metrics.slow_consumer_closed();
+                CloseCode::SlowConsumer
+            }
+            Kick::Revoked => CloseCode::TokenRevoked,
+            Kick::Disconnected => CloseCode::Disconnected,
+            Kick::ShuttingDown => CloseCode::ShuttingDown,
+        };
+        if kick != Kick::SlowConsumer {
+            while let Ok(Ok(1..)) = timeout(CLOSE_TIMEOUT, self.write_batch()).await {}
+        }
+        self.close(code).await
+    }
+
+    /// Sends a close frame and waits (briefly) for the client's: dropping the connection at once could
+    /// reset it before the client has read the close code. A client that does not answer in time is
+    /// dropped anyway.
+    async fn close(&mut self, code: CloseCode) -> End {
+        self.metrics.close_sent(code);
+        let frame = CloseFrame {
+            code: code.code(),
+            reason: code.reason().into(),
+        };
+        let handshake = async {
+            self.socket.send(Message::Close(Some(frame))).await?;
+            while let Some(message) = self.socket.next().await {
+                if matches!(message?, Message::Close(_)) {
+                    break;
+                }
+            }
+            Ok::<_, axum::Error>(())
+        };
+        let _ = timeout(CLOSE_TIMEOUT, handshake).await;
+        End::Closed(code)
+    }
 }
