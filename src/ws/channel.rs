@@ -7,21 +7,18 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::auth::Principal;
 use crate::hub::{ConnId, Hub, Outbound};
 use crate::metrics::Metrics;
-use crate::presence::Presence;
+use crate::presence::{EVENT_IS_ONLINE, IsOnlineRequest, Presence};
 use crate::protocol::{
     self, ClientFrame, EVENT_HEARTBEAT, EVENT_JOIN, EVENT_LEAVE, Empty, Frame, PHOENIX_TOPIC,
     Reason, Status,
 };
 use crate::topic::{Route, Topic, UserId};
 
-/// Client event asking whether a user is online.
-pub const EVENT_IS_ONLINE: &str = "is_online";
 pub const REASON_UNMATCHED_TOPIC: &str = "unmatched topic";
 pub const REASON_UNKNOWN_EVENT: &str = "unknown event";
 pub const REASON_TOO_MANY_TOPICS: &str = "too many topics joined";
@@ -51,12 +48,6 @@ pub struct Channels {
     hub: Arc<Hub>,
     presence: Arc<Presence>,
     metrics: Arc<Metrics>,
-}
-
-#[derive(Serialize)]
-struct OnlineResponse<'a> {
-    id: &'a Value,
-    online: bool,
 }
 
 impl Channels {
@@ -196,21 +187,12 @@ impl Channels {
     ) -> Frame {
         self.metrics.is_online_query();
         let span = tracing::info_span!("is_online", online = tracing::field::Empty).entered();
-        let Some(id) = payload.get("user_id") else {
+        let Ok(request) = IsOnlineRequest::parse(payload) else {
             return error(join_ref, msg_ref, topic, REASON_INVALID_USER_ID);
         };
-        let Some(user) = UserId::from_json(id) else {
-            return error(join_ref, msg_ref, topic, REASON_INVALID_USER_ID);
-        };
-        let online = self.presence.is_online(user);
-        span.record("online", online);
-        protocol::reply(
-            join_ref,
-            msg_ref,
-            topic,
-            Status::Ok,
-            &OnlineResponse { id, online },
-        )
+        let answer = self.presence.answer(request);
+        span.record("online", answer.online);
+        protocol::reply(join_ref, msg_ref, topic, Status::Ok, &answer)
     }
 
     fn unsubscribe(&self, topic: Topic) {

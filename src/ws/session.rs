@@ -16,12 +16,13 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
-use super::channel::{Channels, EVENT_IS_ONLINE};
+use super::channel::Channels;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::hub::{Closer, Hub, Kick, Outbound, Queued};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnectionKind, Metrics};
+use crate::presence::EVENT_IS_ONLINE;
 use crate::protocol::{self, ClientFrame, CloseCode, Frame};
 
 /// Most queued frames written before one flush: large enough to amortise the syscall, small enough to
