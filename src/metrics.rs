@@ -532,16 +532,28 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// Asserts that each of `lines` is a whole line of `text`.
+    fn has(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(text.lines().any(|l| l == *line), "{line} not in:\n{text}");
+        }
+    }
+
     #[test]
     fn renders_every_series_from_the_start() {
         let text = Metrics::new().render();
-        assert!(text.contains("# TYPE epoch_gateway_connections gauge\n"));
-        assert!(text.contains("epoch_gateway_connections{kind=\"anonymous\"} 0\n"));
-        assert!(text.contains("epoch_gateway_auth_failures_total{reason=\"missing_claim\"} 0\n"));
-        assert!(text.contains("epoch_gateway_closes_total{code=\"0\"} 0\n"));
-        assert!(text.contains("epoch_gateway_closes_total{code=\"4403\"} 0\n"));
-        assert!(text.contains("epoch_gateway_nats_events_total{event=\"other\"} 0\n"));
-        assert!(text.contains("epoch_gateway_fanout_latency_seconds_bucket{le=\"+Inf\"} 0\n"));
+        has(
+            &text,
+            &[
+                "# TYPE epoch_gateway_connections gauge",
+                "epoch_gateway_connections{kind=\"anonymous\"} 0",
+                "epoch_gateway_auth_failures_total{reason=\"missing_claim\"} 0",
+                "epoch_gateway_closes_total{code=\"0\"} 0",
+                "epoch_gateway_closes_total{code=\"4403\"} 0",
+                "epoch_gateway_nats_events_total{event=\"other\"} 0",
+                "epoch_gateway_fanout_latency_seconds_bucket{le=\"+Inf\"} 0",
+            ],
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 
@@ -555,13 +567,18 @@ mod tests {
         metrics.nats_event("somethingElse");
         metrics.connection_opened(ConnectionKind::Authenticated);
         let text = metrics.render();
-        assert!(text.contains("epoch_gateway_auth_failures_total{reason=\"expired\"} 1\n"));
-        assert!(text.contains("epoch_gateway_ingress_drops_total{reason=\"not_json\"} 1\n"));
-        assert!(text.contains("epoch_gateway_joins_total{kind=\"role\"} 1\n"));
-        assert!(text.contains("epoch_gateway_nats_events_total{event=\"refreshMentions\"} 1\n"));
-        assert!(text.contains("epoch_gateway_nats_events_total{event=\"other\"} 1\n"));
-        assert!(text.contains("epoch_gateway_connections{kind=\"authenticated\"} 1\n"));
-        assert!(text.contains("epoch_gateway_connections_opened_total 1\n"));
+        has(
+            &text,
+            &[
+                "epoch_gateway_auth_failures_total{reason=\"expired\"} 1",
+                "epoch_gateway_ingress_drops_total{reason=\"not_json\"} 1",
+                "epoch_gateway_joins_total{kind=\"role\"} 1",
+                "epoch_gateway_nats_events_total{event=\"refreshMentions\"} 1",
+                "epoch_gateway_nats_events_total{event=\"other\"} 1",
+                "epoch_gateway_connections{kind=\"authenticated\"} 1",
+                "epoch_gateway_connections_opened_total 1",
+            ],
+        );
     }
 
     #[test]
@@ -576,8 +593,13 @@ mod tests {
                 .count(),
             1
         );
-        assert!(text.contains("epoch_gateway_closes_total{code=\"1007\"} 2\n"));
-        assert!(text.contains("epoch_gateway_closes_total{code=\"0\"} 1\n"));
+        has(
+            &text,
+            &[
+                "epoch_gateway_closes_total{code=\"1007\"} 2",
+                "epoch_gateway_closes_total{code=\"0\"} 1",
+            ],
+        );
     }
 
     #[test]
@@ -585,9 +607,14 @@ mod tests {
         let metrics = Metrics::new();
         metrics.fanout_latency(Duration::from_micros(300));
         let text = metrics.render();
-        assert!(text.contains("# UNIT epoch_gateway_fanout_latency_seconds seconds\n"));
-        assert!(text.contains("epoch_gateway_fanout_latency_seconds_bucket{le=\"0.00025\"} 0\n"));
-        assert!(text.contains("epoch_gateway_fanout_latency_seconds_bucket{le=\"0.0005\"} 1\n"));
-        assert!(text.contains("epoch_gateway_fanout_latency_seconds_count 1\n"));
+        has(
+            &text,
+            &[
+                "# UNIT epoch_gateway_fanout_latency_seconds seconds",
+                "epoch_gateway_fanout_latency_seconds_bucket{le=\"0.00025\"} 0",
+                "epoch_gateway_fanout_latency_seconds_bucket{le=\"0.0005\"} 1",
+                "epoch_gateway_fanout_latency_seconds_count 1",
+            ],
+        );
     }
 }
