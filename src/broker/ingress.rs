@@ -176,7 +176,7 @@ pub async fn run(
             },
         };
         let received = Instant::now();
-        metrics.nats_messages.fetch_add(1, Ordering::Relaxed);
+        metrics.nats_message();
         let span = tracing::info_span!(
             "nats.message",
             otel.kind = "consumer",
@@ -189,14 +189,14 @@ pub async fn run(
         continue_trace(&span, message.headers.as_ref());
         let _entered = span.enter();
         let Some(topic) = subject_topic(&subject_prefix, &message.subject) else {
-            metrics.ingress_drop(IngressDrop::BadSubject);
+            metrics.ingress_dropped(IngressDrop::BadSubject);
             drops.record(&message.subject, IngressDrop::BadSubject);
             continue;
         };
         // Skip the decode when nobody here listens, but never on user subjects, which carry `disconnect`
         // and `logout`: those act on sessions that joined no topic.
         if !matches!(topic, Topic::User(_)) && !hub.has_subscribers(topic) {
-            metrics.ingress_drop(IngressDrop::NoSubscribers);
+            metrics.ingress_dropped(IngressDrop::NoSubscribers);
             continue;
         }
         match decode(topic, &message.payload, max_bytes) {
@@ -228,7 +228,7 @@ pub async fn run(
                 }
             }
             Err(reason) => {
-                metrics.ingress_drop(reason);
+                metrics.ingress_dropped(reason);
                 drops.record(&message.subject, reason);
             }
         }
