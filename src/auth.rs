@@ -47,8 +47,22 @@ pub enum AuthError {
     Revoked,
 }
 
-impl AuthError {
-    /// Metric label.
+enum_with_all! {
+    /// [`AuthError`] without its details: the metric label and log field of a refused token.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum AuthFailure {
+        Malformed,
+        BadSignature,
+        WrongAlgorithm,
+        Expired,
+        NotYetValid,
+        MissingClaim,
+        BadSubject,
+        Revoked,
+    }
+}
+
+impl AuthFailure {
     pub const fn label(self) -> &'static str {
         match self {
             Self::Malformed => "malformed",
@@ -56,10 +70,30 @@ impl AuthError {
             Self::WrongAlgorithm => "wrong_algorithm",
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
-            Self::MissingClaim(_) => "missing_claim",
+            Self::MissingClaim => "missing_claim",
             Self::BadSubject => "bad_subject",
             Self::Revoked => "revoked",
         }
+    }
+}
+
+impl AuthError {
+    pub const fn failure(self) -> AuthFailure {
+        match self {
+            Self::Malformed => AuthFailure::Malformed,
+            Self::BadSignature => AuthFailure::BadSignature,
+            Self::WrongAlgorithm => AuthFailure::WrongAlgorithm,
+            Self::Expired => AuthFailure::Expired,
+            Self::NotYetValid => AuthFailure::NotYetValid,
+            Self::MissingClaim(_) => AuthFailure::MissingClaim,
+            Self::BadSubject => AuthFailure::BadSubject,
+            Self::Revoked => AuthFailure::Revoked,
+        }
+    }
+
+    /// Metric label and log field.
+    pub const fn label(self) -> &'static str {
+        self.failure().label()
     }
 }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::broker::kv::is_key_token;
 use crate::limits::Limits;
+use crate::topic::is_key_token;
 
 /// Environment variable naming an optional configuration file.
 pub const CONFIG_FILE_ENV: &str = "EPOCH_GATEWAY_CONFIG";

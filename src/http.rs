@@ -65,7 +65,7 @@ async fn readyz(State(probes): State<Probes>) -> (StatusCode, &'static str) {
 
 async fn metrics(State(probes): State<Probes>) -> impl axum::response::IntoResponse {
     (
-        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        [("content-type", crate::metrics::CONTENT_TYPE)],
         probes.metrics.render(),
     )
 }

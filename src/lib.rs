@@ -19,7 +19,7 @@
 //! - [`topic`]: user ids and topics, parsed from client topics and NATS subjects.
 //! - [`auth`]: verifying and minting Guardian-shaped JWTs.
 //! - [`limits`]: per-socket limits and the token bucket behind the rate limits.
-//! - [`metrics`], [`telemetry`]: Prometheus exposition and structured logs / traces.
+//! - [`metrics`], [`telemetry`]: OpenMetrics text (Prometheus scrapes it) and structured logs / traces.
 //! - [`hub`]: local fan-out with a bounded queue per socket; knows neither NATS nor sockets.
 //! - [`broker`]: the NATS connection and its health, [`broker::ingress`] (where a NATS message becomes a
 //!   frame), the KV plumbing and the retry loop shared by presence and revocation.
@@ -36,16 +36,38 @@
 //! it. Only `broker`, `presence` and `revocation` name `async_nats`.
 //!
 //! ```text
-//! protocol, topic, limits, metrics   leaves: std and libraries only
+//! protocol, topic, limits            leaves: std and libraries only
 //! hub                                protocol, topic
-//! broker                             hub, metrics, protocol, topic
-//! config                             broker::kv (key tokens), limits
+//! config                             limits, topic
 //! auth, telemetry                    config, topic
+//! metrics                            auth (failure labels), protocol (close codes), topic (topic kinds)
+//! broker                             hub, metrics, protocol, topic
 //! presence, revocation               auth, broker, metrics, topic
 //! ws                                 auth, config, hub, limits, metrics, presence, protocol, revocation, topic
 //! http                               broker, metrics, ws
 //! app                                everything above; imported by nobody but `main`
 //! ```
+
+/// Declares a fieldless enum together with `ALL`, its variants in declaration order, so that whatever is
+/// built from every variant (a metric's label values, the close-code table) cannot miss one.
+macro_rules! enum_with_all {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$variant_meta:meta])* $variant:ident,)+
+        }
+    ) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            $vis const ALL: &'static [Self] = &[$(Self::$variant,)+];
+        }
+    };
+}
 
 pub mod app;
 pub mod auth;

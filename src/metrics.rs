@@ -1,32 +1,52 @@
-//! Process-wide counters and gauges, rendered in the Prometheus text format for `GET /metrics`.
+//! Process-wide counters, gauges and histograms, rendered in the OpenMetrics text format for `GET /metrics`.
 //!
-//! Every label set is fixed at compile time (topic kind, drop reason, auth failure reason), so label
-//! cardinality is bounded: no user id or topic name ever becomes a label.
+//! Every event has one method on [`Metrics`]; the metrics themselves are `prometheus-client` types in one
+//! registry. Every label value is a variant of an enum (topic kind, drop reason, auth failure, close code),
+//! and every series exists, at 0, from the start, so label cardinality is bounded (no user id or topic name
+//! ever becomes a label) and a rate over a series that has not moved yet is 0, not absent.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::fmt::{self, Write as _};
+use std::time::Duration;
 
-/// Why an ingress message was not delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IngressDrop {
-    BadSubject,
-    TooLarge,
-    NotJson,
-    BadEvent,
-    BadPayload,
-    NoSubscribers,
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::auth::AuthFailure;
+use crate::protocol::CloseCode;
+use crate::topic::TopicKind;
+
+/// The `Content-Type` of [`Metrics::render`]'s output, which Prometheus scrapes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Prefix of every metric name.
+const PREFIX: &str = "epoch_gateway";
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// The `code` label of a socket the client closed, or whose connection dropped: no close code was sent.
+const CLOSED_BY_CLIENT: u16 = 0;
+
+enum_with_all! {
+    /// Why an ingress message was not delivered.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum IngressDrop {
+        BadSubject,
+        TooLarge,
+        NotJson,
+        BadEvent,
+        BadPayload,
+        NoSubscribers,
+    }
 }
 
 impl IngressDrop {
-    const ALL: [Self; 6] = [
-        Self::BadSubject,
-        Self::TooLarge,
-        Self::NotJson,
-        Self::BadEvent,
-        Self::BadPayload,
-        Self::NoSubscribers,
-    ];
-
     pub const fn label(self) -> &'static str {
         match self {
             Self::BadSubject => "bad_subject",
@@ -39,521 +59,663 @@ impl IngressDrop {
     }
 }
 
-const AUTH_REASONS: [&str; 8] = [
-    "malformed",
-    "bad_signature",
-    "wrong_algorithm",
-    "expired",
-    "not_yet_valid",
-    "missing_claim",
-    "bad_subject",
-    "revoked",
-];
-
-const TOPIC_KINDS: [&str; 3] = ["public", "role", "user"];
-
-/// Close codes the gateway sends, plus 0 for "the client closed or the connection dropped".
-const CLOSE_CODES: [u16; 13] = [
-    0, 1000, 1001, 1003, 1007, 1008, 1009, 4000, 4001, 4401, 4402, 4403, 1011,
-];
-
-/// Events counted by name; anything else is counted as `other` (label values stay few).
-const KNOWN_EVENTS: [&str; 7] = [
-    "announcement",
-    "permissionsChanged",
-    "reauthenticate",
-    "logout",
-    "newMessage",
-    "refreshMentions",
-    "disconnect",
-];
-
-/// Upper bounds (seconds) of the latency histograms' buckets.
-const LATENCY_BUCKETS: [f64; 12] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-];
-
-/// A Prometheus histogram of durations with fixed buckets, updated with relaxed atomics.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, elapsed: std::time::Duration) {
-        let secs = elapsed.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|bound| secs <= *bound) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        header(out, name, "histogram", help);
-        let mut cumulative = 0;
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            sample(
-                out,
-                &format!("{name}_bucket"),
-                &format!("le=\"{bound}\""),
-                cumulative,
-            );
-        }
-        let count = self.count();
-        sample(out, &format!("{name}_bucket"), "le=\"+Inf\"", count);
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        sample(out, &format!("{name}_sum"), "", sum);
-        sample(out, &format!("{name}_count"), "", count);
+enum_with_all! {
+    /// Whether a socket authenticated with a token.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum ConnectionKind {
+        Anonymous,
+        Authenticated,
     }
 }
 
-#[derive(Debug, Default)]
+impl ConnectionKind {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Anonymous => "anonymous",
+            Self::Authenticated => "authenticated",
+        }
+    }
+}
+
+/// Why an upgrade was refused before its token was looked at (token failures are [`AuthFailure`]s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// An unsupported protocol version (403).
+    Vsn,
+    /// An `Origin` outside the allow-list (403).
+    Origin,
+    /// The connection limit or the new-connection rate (503).
+    Limit,
+}
+
+enum_with_all! {
+    /// Ingress events counted by name; any other name is counted as `other`, so label values stay few.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum KnownEvent {
+        Announcement,
+        PermissionsChanged,
+        Reauthenticate,
+        Logout,
+        NewMessage,
+        RefreshMentions,
+        Disconnect,
+        Other,
+    }
+}
+
+impl KnownEvent {
+    pub fn of(event: &str) -> Self {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|known| known.label() == event)
+            .unwrap_or(Self::Other)
+    }
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Announcement => "announcement",
+            Self::PermissionsChanged => "permissionsChanged",
+            Self::Reauthenticate => "reauthenticate",
+            Self::Logout => "logout",
+            Self::NewMessage => "newMessage",
+            Self::RefreshMentions => "refreshMentions",
+            Self::Disconnect => "disconnect",
+            Self::Other => "other",
+        }
+    }
+}
+
+enum_with_all! {
+    /// How a join with `since` ended: recovered, or why not.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum RecoveryOutcome {
+        Recovered,
+        Malformed,
+        OtherStream,
+        FromTheFuture,
+        Expired,
+        Trimmed,
+        TooMany,
+    }
+}
+
+impl RecoveryOutcome {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Recovered => "recovered",
+            Self::Malformed => "malformed",
+            Self::OtherStream => "other_stream",
+            Self::FromTheFuture => "from_the_future",
+            Self::Expired => "expired",
+            Self::Trimmed => "trimmed",
+            Self::TooMany => "too_many",
+        }
+    }
+}
+
+/// Upper bounds of the replay-size histogram's buckets (events per recovery).
+const REPLAY_BUCKETS: [f64; 6] = [0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0];
+
+/// Encodes each label enum as its `label()`.
+macro_rules! label_values {
+    ($($label:ty),+) => {$(
+        impl EncodeLabelValue for $label {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+                encoder.write_str(self.label())
+            }
+        }
+    )+};
+}
+
+label_values!(
+    RecoveryOutcome,
+    IngressDrop,
+    ConnectionKind,
+    KnownEvent,
+    AuthFailure,
+    TopicKind
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ConnectionLabels {
+    kind: ConnectionKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct JoinLabels {
+    kind: TopicKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AuthLabels {
+    reason: AuthFailure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    reason: IngressDrop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RecoveryLabels {
+    outcome: RecoveryOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EventLabels {
+    event: KnownEvent,
+}
+
+/// The number of a [`CloseCode`], or [`CLOSED_BY_CLIENT`]: two close codes may share a number, and then
+/// they share a series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CloseLabels {
+    code: u16,
+}
+
+/// Every metric of the process, and the registry that renders them.
+#[derive(Debug)]
 pub struct Metrics {
-    pub connections_anonymous: AtomicI64,
-    pub connections_authenticated: AtomicI64,
-    pub connections_opened: AtomicU64,
-    pub upgrades_refused_vsn: AtomicU64,
-    pub upgrades_refused_origin: AtomicU64,
-    pub upgrades_refused_limit: AtomicU64,
-    pub pushes_rate_limited: AtomicU64,
-    auth_failures: [AtomicU64; AUTH_REASONS.len()],
-    joins: [AtomicU64; TOPIC_KINDS.len()],
-    pub joins_refused: AtomicU64,
-    pub nats_messages: AtomicU64,
-    ingress_drops: [AtomicU64; IngressDrop::ALL.len()],
-    pub frames_out: AtomicU64,
-    pub slow_consumers: AtomicU64,
-    pub invalid_client_frames: AtomicU64,
-    pub is_online_queries: AtomicU64,
-    closes: [AtomicU64; CLOSE_CODES.len()],
-    nats_by_event: [AtomicU64; KNOWN_EVENTS.len() + 1],
+    registry: Registry,
+    connections: Family<ConnectionLabels, Gauge>,
+    connections_opened: Counter,
+    upgrades_refused_vsn: Counter,
+    upgrades_refused_origin: Counter,
+    upgrades_refused_limit: Counter,
+    pushes_rate_limited: Counter,
+    auth_failures: Family<AuthLabels, Counter>,
+    joins: Family<JoinLabels, Counter>,
+    joins_refused: Counter,
+    nats_messages: Counter,
+    ingress_drops: Family<DropLabels, Counter>,
+    frames_out: Counter,
+    slow_consumers: Counter,
+    invalid_client_frames: Counter,
+    is_online_queries: Counter,
+    closes: Family<CloseLabels, Counter>,
+    nats_events: Family<EventLabels, Counter>,
     /// NATS receive → socket write, observed on the first frame of each write batch.
-    pub fanout_latency: Histogram,
+    fanout_latency: Histogram,
     /// `is_online` frame decoded → reply written.
-    pub is_online_latency: Histogram,
-    pub nats_connected: AtomicI64,
-    pub nats_reconnects: AtomicU64,
-    pub presence_local_users: AtomicI64,
-    pub presence_online_users: AtomicI64,
-    pub presence_write_errors: AtomicU64,
-    delivery_gaps_filled: AtomicU64,
-    delivery_caught_up: AtomicU64,
-    delivery_replayed: AtomicU64,
-    delivery_recoveries: [AtomicU64; RECOVERY_OUTCOMES.len()],
-    delivery_lag_micros: AtomicI64,
+    is_online_latency: Histogram,
+    nats_connected: Gauge,
+    nats_reconnects: Counter,
+    presence_local_users: Gauge,
+    presence_online_users: Gauge,
+    presence_write_errors: Counter,
+    delivery_gaps_filled: Counter,
+    delivery_caught_up: Counter,
+    delivery_replays: Histogram,
+    delivery_recoveries: Family<RecoveryLabels, Counter>,
+    delivery_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
-/// Outcomes of a join with `since`: recovered, or the reason it was not.
-const RECOVERY_OUTCOMES: [&str; 7] = [
-    "recovered",
-    "malformed",
-    "other_stream",
-    "from_the_future",
-    "expired",
-    "trimmed",
-    "too_many",
-];
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
-fn inc(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+/// A family with a series for each of `labels`.
+fn family_of<S, M, L>(labels: &[L], label_set: impl Fn(L) -> S) -> Family<S, M>
+where
+    S: Clone + Eq + std::hash::Hash,
+    M: Default,
+    L: Copy,
+{
+    let family = Family::<S, M>::default();
+    for label in labels {
+        // Creating the series is the point; the guard is dropped at once.
+        drop(family.get_or_create(&label_set(*label)));
+    }
+    family
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        Self::default()
+        let close_codes: Vec<u16> = std::iter::once(CLOSED_BY_CLIENT)
+            .chain(CloseCode::ALL.iter().map(|code| code.code()))
+            .collect();
+        let mut metrics = Self {
+            registry: Registry::with_prefix(PREFIX),
+            connections: family_of(ConnectionKind::ALL, |kind| ConnectionLabels { kind }),
+            connections_opened: Counter::default(),
+            upgrades_refused_vsn: Counter::default(),
+            upgrades_refused_origin: Counter::default(),
+            upgrades_refused_limit: Counter::default(),
+            pushes_rate_limited: Counter::default(),
+            auth_failures: family_of(AuthFailure::ALL, |reason| AuthLabels { reason }),
+            joins: family_of(TopicKind::ALL, |kind| JoinLabels { kind }),
+            joins_refused: Counter::default(),
+            nats_messages: Counter::default(),
+            ingress_drops: family_of(IngressDrop::ALL, |reason| DropLabels { reason }),
+            frames_out: Counter::default(),
+            slow_consumers: Counter::default(),
+            invalid_client_frames: Counter::default(),
+            is_online_queries: Counter::default(),
+            closes: family_of(&close_codes, |code| CloseLabels { code }),
+            nats_events: family_of(KnownEvent::ALL, |event| EventLabels { event }),
+            fanout_latency: Histogram::new(LATENCY_BUCKETS),
+            is_online_latency: Histogram::new(LATENCY_BUCKETS),
+            nats_connected: Gauge::default(),
+            nats_reconnects: Counter::default(),
+            presence_local_users: Gauge::default(),
+            presence_online_users: Gauge::default(),
+            presence_write_errors: Counter::default(),
+            delivery_gaps_filled: Counter::default(),
+            delivery_caught_up: Counter::default(),
+            delivery_replays: Histogram::new(REPLAY_BUCKETS),
+            delivery_recoveries: family_of(RecoveryOutcome::ALL, |outcome| RecoveryLabels {
+                outcome,
+            }),
+            delivery_lag: Gauge::default(),
+        };
+        metrics.register();
+        metrics
     }
 
-    pub fn auth_failure(&self, reason: &str) {
-        if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
-            inc(&self.auth_failures[i]);
-        }
+    /// Registers every metric under its exported name: `PREFIX_` + name (+ `_total` for counters,
+    /// + `_seconds` for the histograms). The metrics are shared handles, so the registry sees every update.
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "connections",
+            "Open WebSocket connections",
+            self.connections.clone(),
+        );
+        r.register(
+            "connections_opened",
+            "WebSocket connections accepted",
+            self.connections_opened.clone(),
+        );
+        r.register(
+            "upgrades_refused_vsn",
+            "Upgrades refused for an unsupported protocol version",
+            self.upgrades_refused_vsn.clone(),
+        );
+        r.register(
+            "upgrades_refused_origin",
+            "Upgrades refused for an Origin outside the allow-list",
+            self.upgrades_refused_origin.clone(),
+        );
+        r.register(
+            "upgrades_refused_limit",
+            "Upgrades refused by the connection limit or the new-connection rate (503)",
+            self.upgrades_refused_limit.clone(),
+        );
+        r.register(
+            "pushes_rate_limited",
+            "Client frames refused by the per-socket rate limit",
+            self.pushes_rate_limited.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Upgrades refused for an invalid token, by reason",
+            self.auth_failures.clone(),
+        );
+        r.register(
+            "joins",
+            "Successful channel joins, by topic kind",
+            self.joins.clone(),
+        );
+        r.register(
+            "joins_refused",
+            "Channel joins refused",
+            self.joins_refused.clone(),
+        );
+        r.register(
+            "nats_messages",
+            "Messages received on the ingress subjects",
+            self.nats_messages.clone(),
+        );
+        r.register(
+            "ingress_drops",
+            "Ingress messages not delivered, by reason",
+            self.ingress_drops.clone(),
+        );
+        r.register(
+            "frames_out",
+            "Frames written to sockets",
+            self.frames_out.clone(),
+        );
+        r.register(
+            "slow_consumer_closes",
+            "Sockets closed because their outbound queue overflowed",
+            self.slow_consumers.clone(),
+        );
+        r.register(
+            "invalid_client_frames",
+            "Client frames that were not Phoenix V2 messages",
+            self.invalid_client_frames.clone(),
+        );
+        r.register(
+            "is_online_queries",
+            "is_online pushes answered",
+            self.is_online_queries.clone(),
+        );
+        r.register(
+            "closes",
+            "Sockets closed, by close code (0: by the client or dropped)",
+            self.closes.clone(),
+        );
+        r.register(
+            "nats_events",
+            "Valid ingress messages, by event (other names as `other`)",
+            self.nats_events.clone(),
+        );
+        r.register_with_unit(
+            "fanout_latency",
+            "NATS receive to socket write, for the first frame of each write batch",
+            Unit::Seconds,
+            self.fanout_latency.clone(),
+        );
+        r.register_with_unit(
+            "is_online_latency",
+            "is_online frame received to reply written",
+            Unit::Seconds,
+            self.is_online_latency.clone(),
+        );
+        r.register(
+            "nats_connected",
+            "1 while connected to NATS",
+            self.nats_connected.clone(),
+        );
+        r.register(
+            "nats_reconnects",
+            "Reconnections to NATS after a disconnect",
+            self.nats_reconnects.clone(),
+        );
+        r.register(
+            "presence_local_users",
+            "Users with a presence record from this instance",
+            self.presence_local_users.clone(),
+        );
+        r.register(
+            "presence_online_users",
+            "Users online cluster-wide, as seen by this instance",
+            self.presence_online_users.clone(),
+        );
+        r.register(
+            "presence_write_errors",
+            "Presence records that could not be written",
+            self.presence_write_errors.clone(),
+        );
+        r.register(
+            "delivery_gaps_filled",
+            "Gaps in a topic's live events read back from the event stream",
+            self.delivery_gaps_filled.clone(),
+        );
+        r.register(
+            "delivery_caught_up_events",
+            "Events delivered from the event stream after a gap, a reconnect or a leader election",
+            self.delivery_caught_up.clone(),
+        );
+        r.register(
+            "delivery_replay_events",
+            "Events replayed per join with since",
+            self.delivery_replays.clone(),
+        );
+        r.register(
+            "delivery_recoveries",
+            "Joins with since, by outcome",
+            self.delivery_recoveries.clone(),
+        );
+        r.register_with_unit(
+            "delivery_lag",
+            "Time from the event stream storing the latest event to its copy arriving here",
+            Unit::Seconds,
+            self.delivery_lag.clone(),
+        );
     }
 
-    pub fn join(&self, kind: &str) {
-        if let Some(i) = TOPIC_KINDS.iter().position(|k| *k == kind) {
-            inc(&self.joins[i]);
-        }
+    /// The OpenMetrics text exposition of every metric, ending in `# EOF`.
+    pub fn render(&self) -> String {
+        let mut text = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("encoding into a String cannot fail");
+        text
     }
 
-    pub fn ingress_drop(&self, reason: IngressDrop) {
-        // `ALL` lists every variant, so the position always exists.
-        let i = IngressDrop::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .expect("every drop reason is listed");
-        inc(&self.ingress_drops[i]);
+    /// A socket was accepted.
+    pub fn connection_opened(&self, kind: ConnectionKind) {
+        self.connections_opened.inc();
+        self.connections
+            .get_or_create(&ConnectionLabels { kind })
+            .inc();
     }
 
-    pub fn ingress_drops(&self, reason: IngressDrop) -> u64 {
-        let i = IngressDrop::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .expect("every drop reason is listed");
-        self.ingress_drops[i].load(Ordering::Relaxed)
+    /// A socket's session ended.
+    pub fn connection_closed(&self, kind: ConnectionKind) {
+        self.connections
+            .get_or_create(&ConnectionLabels { kind })
+            .dec();
     }
 
-    /// The Prometheus text exposition of every metric.
-    /// Counts a socket closed with `code` (0: by the client, or the connection dropped).
-    pub fn close(&self, code: u16) {
-        let i = CLOSE_CODES.iter().position(|c| *c == code).unwrap_or(0);
-        inc(&self.closes[i]);
+    pub fn upgrade_refused(&self, refusal: Refusal) {
+        match refusal {
+            Refusal::Vsn => self.upgrades_refused_vsn.inc(),
+            Refusal::Origin => self.upgrades_refused_origin.inc(),
+            Refusal::Limit => self.upgrades_refused_limit.inc(),
+        };
     }
 
-    /// Counts an ingress message by its event name.
+    /// An upgrade was refused for its token.
+    pub fn auth_failed(&self, reason: AuthFailure) {
+        self.auth_failures
+            .get_or_create(&AuthLabels { reason })
+            .inc();
+    }
+
+    pub fn push_rate_limited(&self) {
+        self.pushes_rate_limited.inc();
+    }
+
+    pub fn invalid_client_frame(&self) {
+        self.invalid_client_frames.inc();
+    }
+
+    pub fn joined(&self, kind: TopicKind) {
+        self.joins.get_or_create(&JoinLabels { kind }).inc();
+    }
+
+    pub fn join_refused(&self) {
+        self.joins_refused.inc();
+    }
+
+    pub fn is_online_query(&self) {
+        self.is_online_queries.inc();
+    }
+
+    /// An `is_online` reply was written `elapsed` after its frame was decoded.
+    pub fn is_online_answered(&self, elapsed: Duration) {
+        self.is_online_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// A message arrived on the ingress subjects.
+    pub fn nats_message(&self) {
+        self.nats_messages.inc();
+    }
+
+    pub fn ingress_dropped(&self, reason: IngressDrop) {
+        self.ingress_drops
+            .get_or_create(&DropLabels { reason })
+            .inc();
+    }
+
+    /// A valid ingress message, by its event name.
     pub fn nats_event(&self, event: &str) {
-        let i = KNOWN_EVENTS
-            .iter()
-            .position(|e| *e == event)
-            .unwrap_or(KNOWN_EVENTS.len());
-        inc(&self.nats_by_event[i]);
+        let event = KnownEvent::of(event);
+        self.nats_events.get_or_create(&EventLabels { event }).inc();
+    }
+
+    pub fn frames_written(&self, count: u64) {
+        self.frames_out.inc_by(count);
+    }
+
+    /// A write batch was flushed `elapsed` after its first frame's NATS message arrived.
+    pub fn fanout_latency(&self, elapsed: Duration) {
+        self.fanout_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// A socket was closed because its outbound queue overflowed.
+    pub fn slow_consumer_closed(&self) {
+        self.slow_consumers.inc();
+    }
+
+    /// The gateway closed a socket with `code`.
+    pub fn close_sent(&self, code: CloseCode) {
+        self.count_close(code.code());
+    }
+
+    /// A socket ended without a close code from the gateway: the client closed it, or it dropped.
+    pub fn closed_by_client(&self) {
+        self.count_close(CLOSED_BY_CLIENT);
+    }
+
+    fn count_close(&self, code: u16) {
+        self.closes.get_or_create(&CloseLabels { code }).inc();
+    }
+
+    /// The NATS connection came up (`true`) or went down.
+    pub fn nats_connection(&self, connected: bool) {
+        self.nats_connected.set(i64::from(connected));
+    }
+
+    pub fn nats_connected(&self) -> bool {
+        self.nats_connected.get() == 1
+    }
+
+    pub fn nats_reconnected(&self) {
+        self.nats_reconnects.inc();
+    }
+
+    /// Records this instance holds, and users online cluster-wide as this instance sees them.
+    pub fn presence_users(&self, local: usize, online: usize) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.presence_local_users.set(gauge(local));
+        self.presence_online_users.set(gauge(online));
+    }
+
+    pub fn presence_write_failed(&self) {
+        self.presence_write_errors.inc();
     }
 
     /// A gap in a topic's live events was read back from the event stream.
     pub fn delivery_gap_filled(&self) {
-        inc(&self.delivery_gaps_filled);
+        self.delivery_gaps_filled.inc();
     }
 
     /// Events delivered from the event stream rather than live (gap fills and catch-ups).
     pub fn delivery_caught_up(&self, events: usize) {
-        self.delivery_caught_up
-            .fetch_add(events as u64, Ordering::Relaxed);
+        self.delivery_caught_up.inc_by(events as u64);
     }
 
-    /// A recovery replayed `events` events.
-    pub fn delivery_replay(&self, events: usize) {
-        self.delivery_replayed
-            .fetch_add(events as u64, Ordering::Relaxed);
-    }
-
-    /// A join with `since` ended with `outcome` (see [`RECOVERY_OUTCOMES`]).
-    pub fn delivery_recovery(&self, outcome: &str) {
-        if let Some(i) = RECOVERY_OUTCOMES.iter().position(|o| *o == outcome) {
-            inc(&self.delivery_recoveries[i]);
+    /// A join with `since` ended with `outcome`, replaying `events` events.
+    pub fn delivery_recovery(&self, outcome: RecoveryOutcome, events: usize) {
+        self.delivery_recoveries
+            .get_or_create(&RecoveryLabels { outcome })
+            .inc();
+        if outcome == RecoveryOutcome::Recovered {
+            self.delivery_replays.observe(events as f64);
         }
     }
 
     /// Time from the stream storing an event to its copy reaching this instance.
-    pub fn delivery_lag(&self, stored: &std::time::SystemTime) {
-        let lag = stored.elapsed().unwrap_or_default();
-        self.delivery_lag_micros.store(
-            i64::try_from(lag.as_micros()).unwrap_or(i64::MAX),
-            Ordering::Relaxed,
-        );
+    pub fn delivery_lag(&self, stored: std::time::SystemTime) {
+        self.delivery_lag
+            .set(stored.elapsed().unwrap_or_default().as_secs_f64());
     }
-
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let u = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let i = |g: &AtomicI64| g.load(Ordering::Relaxed);
-
-        header(
-            &mut out,
-            "epoch_gateway_connections",
-            "gauge",
-            "Open WebSocket connections.",
-        );
-        sample(
-            &mut out,
-            "epoch_gateway_connections",
-            "kind=\"anonymous\"",
-            i(&self.connections_anonymous),
-        );
-        sample(
-            &mut out,
-            "epoch_gateway_connections",
-            "kind=\"authenticated\"",
-            i(&self.connections_authenticated),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_connections_opened_total",
-            "WebSocket connections accepted.",
-            u(&self.connections_opened),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_upgrades_refused_vsn_total",
-            "Upgrades refused for an unsupported protocol version.",
-            u(&self.upgrades_refused_vsn),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_upgrades_refused_origin_total",
-            "Upgrades refused for an Origin outside the allow-list.",
-            u(&self.upgrades_refused_origin),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_upgrades_refused_limit_total",
-            "Upgrades refused by the connection limit or the new-connection rate (503).",
-            u(&self.upgrades_refused_limit),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_pushes_rate_limited_total",
-            "Client frames refused by the per-socket rate limit.",
-            u(&self.pushes_rate_limited),
-        );
-
-        header(
-            &mut out,
-            "epoch_gateway_auth_failures_total",
-            "counter",
-            "Upgrades refused for an invalid token, by reason.",
-        );
-        for (reason, c) in AUTH_REASONS.iter().zip(&self.auth_failures) {
-            sample(
-                &mut out,
-                "epoch_gateway_auth_failures_total",
-                &format!("reason=\"{reason}\""),
-                u(c),
-            );
-        }
-        header(
-            &mut out,
-            "epoch_gateway_joins_total",
-            "counter",
-            "Successful channel joins, by topic kind.",
-        );
-        for (kind, c) in TOPIC_KINDS.iter().zip(&self.joins) {
-            sample(
-                &mut out,
-                "epoch_gateway_joins_total",
-                &format!("kind=\"{kind}\""),
-                u(c),
-            );
-        }
-        counter(
-            &mut out,
-            "epoch_gateway_joins_refused_total",
-            "Channel joins refused.",
-            u(&self.joins_refused),
-        );
-
-        counter(
-            &mut out,
-            "epoch_gateway_nats_messages_total",
-            "Messages received on the ingress subjects.",
-            u(&self.nats_messages),
-        );
-        header(
-            &mut out,
-            "epoch_gateway_ingress_drops_total",
-            "counter",
-            "Ingress messages not delivered, by reason.",
-        );
-        for reason in IngressDrop::ALL {
-            sample(
-                &mut out,
-                "epoch_gateway_ingress_drops_total",
-                &format!("reason=\"{}\"", reason.label()),
-                self.ingress_drops(reason),
-            );
-        }
-        counter(
-            &mut out,
-            "epoch_gateway_frames_out_total",
-            "Frames written to sockets.",
-            u(&self.frames_out),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_slow_consumer_closes_total",
-            "Sockets closed because their outbound queue overflowed.",
-            u(&self.slow_consumers),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_invalid_client_frames_total",
-            "Client frames that were not Phoenix V2 messages.",
-            u(&self.invalid_client_frames),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_is_online_queries_total",
-            "is_online pushes answered.",
-            u(&self.is_online_queries),
-        );
-
-        header(
-            &mut out,
-            "epoch_gateway_closes_total",
-            "counter",
-            "Sockets closed, by close code (0: by the client or dropped).",
-        );
-        for (code, c) in CLOSE_CODES.iter().zip(&self.closes) {
-            sample(
-                &mut out,
-                "epoch_gateway_closes_total",
-                &format!("code=\"{code}\""),
-                u(c),
-            );
-        }
-        header(
-            &mut out,
-            "epoch_gateway_nats_events_total",
-            "counter",
-            "Valid ingress messages, by event (other names as `other`).",
-        );
-        for (event, c) in KNOWN_EVENTS
-            .iter()
-            .chain(["other"].iter())
-            .zip(&self.nats_by_event)
-        {
-            sample(
-                &mut out,
-                "epoch_gateway_nats_events_total",
-                &format!("event=\"{event}\""),
-                u(c),
-            );
-        }
-        self.fanout_latency.render(
-            &mut out,
-            "epoch_gateway_fanout_latency_seconds",
-            "NATS receive to socket write, for the first frame of each write batch.",
-        );
-        self.is_online_latency.render(
-            &mut out,
-            "epoch_gateway_is_online_latency_seconds",
-            "is_online frame received to reply written.",
-        );
-        header(
-            &mut out,
-            "epoch_gateway_nats_connected",
-            "gauge",
-            "1 while connected to NATS.",
-        );
-        sample(
-            &mut out,
-            "epoch_gateway_nats_connected",
-            "",
-            i(&self.nats_connected),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_nats_reconnects_total",
-            "Reconnections to NATS after a disconnect.",
-            u(&self.nats_reconnects),
-        );
-        header(
-            &mut out,
-            "epoch_gateway_presence_local_users",
-            "gauge",
-            "Users with a presence record from this instance.",
-        );
-        sample(
-            &mut out,
-            "epoch_gateway_presence_local_users",
-            "",
-            i(&self.presence_local_users),
-        );
-        header(
-            &mut out,
-            "epoch_gateway_presence_online_users",
-            "gauge",
-            "Users online cluster-wide, as seen by this instance.",
-        );
-        sample(
-            &mut out,
-            "epoch_gateway_presence_online_users",
-            "",
-            i(&self.presence_online_users),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_presence_write_errors_total",
-            "Presence records that could not be written.",
-            u(&self.presence_write_errors),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_delivery_gaps_filled_total",
-            "Gaps in a topic's live events read back from the event stream.",
-            u(&self.delivery_gaps_filled),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_delivery_caught_up_events_total",
-            "Events delivered from the event stream after a gap, a reconnect or a leader election.",
-            u(&self.delivery_caught_up),
-        );
-        counter(
-            &mut out,
-            "epoch_gateway_delivery_replayed_events_total",
-            "Events replayed to channels joined with since.",
-            u(&self.delivery_replayed),
-        );
-        header(
-            &mut out,
-            "epoch_gateway_delivery_recoveries_total",
-            "counter",
-            "Joins with since, by outcome.",
-        );
-        for (outcome, c) in RECOVERY_OUTCOMES.iter().zip(&self.delivery_recoveries) {
-            sample(
-                &mut out,
-                "epoch_gateway_delivery_recoveries_total",
-                &format!("outcome=\"{outcome}\""),
-                u(c),
-            );
-        }
-        header(
-            &mut out,
-            "epoch_gateway_delivery_lag_seconds",
-            "gauge",
-            "Time from the event stream storing the latest event to its copy arriving here.",
-        );
-        sample(
-            &mut out,
-            "epoch_gateway_delivery_lag_seconds",
-            "",
-            i(&self.delivery_lag_micros) as f64 / 1e6,
-        );
-        out
-    }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    // Writing to a String cannot fail.
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn sample(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
-    if labels.is_empty() {
-        let _ = writeln!(out, "{name} {value}");
-    } else {
-        let _ = writeln!(out, "{name}{{{labels}}} {value}");
-    }
-}
-
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    header(out, name, "counter", help);
-    sample(out, name, "", value);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Asserts that each of `lines` is a whole line of `text`.
+    fn has(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(text.lines().any(|l| l == *line), "{line} not in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn renders_every_series_from_the_start() {
+        let text = Metrics::new().render();
+        has(
+            &text,
+            &[
+                "# TYPE epoch_gateway_connections gauge",
+                "epoch_gateway_connections{kind=\"anonymous\"} 0",
+                "epoch_gateway_auth_failures_total{reason=\"missing_claim\"} 0",
+                "epoch_gateway_closes_total{code=\"0\"} 0",
+                "epoch_gateway_closes_total{code=\"4403\"} 0",
+                "epoch_gateway_nats_events_total{event=\"other\"} 0",
+                "epoch_gateway_fanout_latency_seconds_bucket{le=\"+Inf\"} 0",
+            ],
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
     #[test]
     fn renders_labelled_counters() {
         let metrics = Metrics::new();
-        metrics.auth_failure("expired");
-        metrics.ingress_drop(IngressDrop::NotJson);
-        metrics.join("role");
+        metrics.auth_failed(AuthFailure::Expired);
+        metrics.ingress_dropped(IngressDrop::NotJson);
+        metrics.joined(TopicKind::Role);
+        metrics.nats_event("refreshMentions");
+        metrics.nats_event("somethingElse");
+        metrics.connection_opened(ConnectionKind::Authenticated);
         let text = metrics.render();
-        assert!(text.contains("epoch_gateway_auth_failures_total{reason=\"expired\"} 1\n"));
-        assert!(text.contains("epoch_gateway_ingress_drops_total{reason=\"not_json\"} 1\n"));
-        assert!(text.contains("epoch_gateway_joins_total{kind=\"role\"} 1\n"));
-        assert!(text.contains("# TYPE epoch_gateway_connections gauge\n"));
+        has(
+            &text,
+            &[
+                "epoch_gateway_auth_failures_total{reason=\"expired\"} 1",
+                "epoch_gateway_ingress_drops_total{reason=\"not_json\"} 1",
+                "epoch_gateway_joins_total{kind=\"role\"} 1",
+                "epoch_gateway_nats_events_total{event=\"refreshMentions\"} 1",
+                "epoch_gateway_nats_events_total{event=\"other\"} 1",
+                "epoch_gateway_connections{kind=\"authenticated\"} 1",
+                "epoch_gateway_connections_opened_total 1",
+            ],
+        );
+    }
+
+    #[test]
+    fn close_codes_that_share_a_number_share_a_series() {
+        let metrics = Metrics::new();
+        metrics.close_sent(CloseCode::InvalidFrame);
+        metrics.close_sent(CloseCode::InvalidUtf8);
+        metrics.closed_by_client();
+        let text = metrics.render();
+        assert_eq!(
+            text.matches("epoch_gateway_closes_total{code=\"1007\"}")
+                .count(),
+            1
+        );
+        has(
+            &text,
+            &[
+                "epoch_gateway_closes_total{code=\"1007\"} 2",
+                "epoch_gateway_closes_total{code=\"0\"} 1",
+            ],
+        );
+    }
+
+    #[test]
+    fn observes_latencies_in_seconds() {
+        let metrics = Metrics::new();
+        metrics.fanout_latency(Duration::from_micros(300));
+        let text = metrics.render();
+        has(
+            &text,
+            &[
+                "# UNIT epoch_gateway_fanout_latency_seconds seconds",
+                "epoch_gateway_fanout_latency_seconds_bucket{le=\"0.00025\"} 0",
+                "epoch_gateway_fanout_latency_seconds_bucket{le=\"0.0005\"} 1",
+                "epoch_gateway_fanout_latency_seconds_count 1",
+            ],
+        );
     }
 }

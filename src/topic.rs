@@ -51,6 +51,15 @@ impl fmt::Display for UserId {
     }
 }
 
+/// Whether `text` is one token of a NATS subject or KV key as the gateway writes them (node ids, bucket
+/// and stream names): letters, digits, `-` and `_`.
+pub fn is_key_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// A channel topic that can carry messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Topic {
@@ -107,11 +116,31 @@ impl Topic {
     }
 
     /// Short label for logs and metrics (never a user id: label values must stay few).
-    pub const fn kind(self) -> &'static str {
+    pub const fn kind(self) -> TopicKind {
+        match self {
+            Self::Public => TopicKind::Public,
+            Self::Role => TopicKind::Role,
+            Self::User(_) => TopicKind::User,
+        }
+    }
+}
+
+enum_with_all! {
+    /// A [`Topic`] without its user id: a label for logs and metrics, whose values must stay few.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum TopicKind {
+        Public,
+        Role,
+        User,
+    }
+}
+
+impl TopicKind {
+    pub const fn label(self) -> &'static str {
         match self {
             Self::Public => "public",
             Self::Role => "role",
-            Self::User(_) => "user",
+            Self::User => "user",
         }
     }
 }

@@ -191,7 +191,7 @@ impl Router {
         payload: &[u8],
         skip_unheard: bool,
     ) -> Option<Broadcast> {
-        self.metrics.nats_messages.fetch_add(1, Ordering::Relaxed);
+        self.metrics.nats_message();
         let Some(topic) = subject_topic(&self.prefix, subject) else {
             self.drop_message(subject, IngressDrop::BadSubject);
             return None;
@@ -199,7 +199,7 @@ impl Router {
         // Never skipped on user subjects, which carry `disconnect` and `logout`: those act on sessions
         // that joined no topic.
         if skip_unheard && !matches!(topic, Topic::User(_)) && !self.hub.has_subscribers(topic) {
-            self.metrics.ingress_drop(IngressDrop::NoSubscribers);
+            self.metrics.ingress_dropped(IngressDrop::NoSubscribers);
             return None;
         }
         match decode(topic, payload, self.max_bytes) {
@@ -212,7 +212,7 @@ impl Router {
     }
 
     fn drop_message(&mut self, subject: &str, reason: IngressDrop) {
-        self.metrics.ingress_drop(reason);
+        self.metrics.ingress_dropped(reason);
         self.drops.record(subject, reason);
     }
 

@@ -1,11 +1,13 @@
 //! JetStream KV plumbing shared by presence and revocation: opening a bucket, records with a per-message
 //! TTL (`Nats-TTL`, nats-server ≥ 2.11), purges that expire themselves, and the subjects and key tokens of
-//! `$KV.<bucket>.<key>`.
+//! `$KV.<bucket>.<key>` (the token check itself lives in [`crate::topic`], which configuration uses too).
 
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv};
+
+pub use crate::topic::is_key_token;
 
 /// How long purge and expiry markers stay in a bucket: long enough for any watcher to see them, short
 /// enough that markers of instances that are gone do not pile up.
@@ -105,14 +107,6 @@ pub fn purge_headers() -> HeaderMap {
     headers.insert("KV-Operation", "PURGE");
     headers.insert("Nats-Rollup", "sub");
     headers
-}
-
-/// Whether `text` is one token of a KV key or subject: letters, digits, `-` and `_`.
-pub fn is_key_token(text: &str) -> bool {
-    !text.is_empty()
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]

@@ -127,9 +127,9 @@ fn on_event(health: &Health, metrics: &Metrics, event: Event) {
     match event {
         Event::Connected => {
             health.connected.send_replace(true);
-            metrics.nats_connected.store(1, Ordering::Relaxed);
+            metrics.nats_connection(true);
             if health.ever_connected.swap(true, Ordering::Relaxed) {
-                metrics.nats_reconnects.fetch_add(1, Ordering::Relaxed);
+                metrics.nats_reconnected();
                 health.reconnects.send_modify(|n| *n += 1);
                 tracing::info!("reconnected to NATS");
             } else {
@@ -138,12 +138,12 @@ fn on_event(health: &Health, metrics: &Metrics, event: Event) {
         }
         Event::Disconnected => {
             health.connected.send_replace(false);
-            metrics.nats_connected.store(0, Ordering::Relaxed);
+            metrics.nats_connection(false);
             tracing::warn!("disconnected from NATS; reconnecting");
         }
         Event::Closed => {
             health.connected.send_replace(false);
-            metrics.nats_connected.store(0, Ordering::Relaxed);
+            metrics.nats_connection(false);
             tracing::info!("NATS connection closed");
         }
         other => tracing::warn!(event = %other, "NATS event"),

@@ -35,7 +35,7 @@ use crate::broker::Nats;
 use crate::broker::ingress::{self, Broadcast, Control, Router};
 use crate::broker::retry::{self, OnError};
 use crate::hub::Interest;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RecoveryOutcome};
 use crate::protocol::{self, Frame};
 use crate::topic::{Topic, UserId};
 
@@ -167,14 +167,7 @@ impl Delivery {
         head: u64,
     ) -> Recovery {
         let outcome = self.read_recovery(topic, since, head).await;
-        let label = match &outcome {
-            Recovery::Replayed(frames) => {
-                self.metrics.delivery_replay(frames.len());
-                "recovered"
-            }
-            Recovery::Refused(reason) => reason.as_str(),
-        };
-        self.metrics.delivery_recovery(label);
+        self.record(&outcome);
         outcome
     }
 
@@ -256,9 +249,30 @@ impl Delivery {
         Recovery::Replayed(frames)
     }
 
+    /// Counts a recovery by its outcome.
+    pub fn record(&self, outcome: &Recovery) {
+        let (outcome, events) = match outcome {
+            Recovery::Replayed(frames) => (RecoveryOutcome::Recovered, frames.len()),
+            Recovery::Refused(reason) => (outcome_of(*reason), 0),
+        };
+        self.metrics.delivery_recovery(outcome, events);
+    }
+
     /// `frame` with `seq`'s position in the ref slot.
     pub fn positioned(epoch: &Epoch, seq: u64, frame: &Frame) -> Frame {
         protocol::with_ref(frame, &Position::new(epoch.clone(), seq).encode())
+    }
+}
+
+/// The metric label of a refusal.
+const fn outcome_of(reason: Reason) -> RecoveryOutcome {
+    match reason {
+        Reason::Malformed => RecoveryOutcome::Malformed,
+        Reason::OtherStream => RecoveryOutcome::OtherStream,
+        Reason::FromTheFuture => RecoveryOutcome::FromTheFuture,
+        Reason::Expired => RecoveryOutcome::Expired,
+        Reason::Trimmed => RecoveryOutcome::Trimmed,
+        Reason::TooMany => RecoveryOutcome::TooMany,
     }
 }
 
@@ -483,7 +497,7 @@ impl Follower {
             // No longer followed (the last session left while the copy was in flight).
             None => return,
         };
-        self.delivery.metrics.delivery_lag(&stored.time);
+        self.delivery.metrics.delivery_lag(stored.time);
         match verdict {
             Verdict::Duplicate => {}
             Verdict::Deliver => {

@@ -5,6 +5,9 @@
 //! writer ([`store`]) turns dirty users into records in the JetStream KV bucket. The KV watcher feeds the
 //! records of other instances back in. `is_online` is answered from memory: this instance's own count is
 //! authoritative for its own users (no wait for the KV round trip), the watched view for everyone else.
+//!
+//! The `is_online` question has one shape wherever it is asked (a client push, the NATS service):
+//! [`IsOnlineRequest`] in, [`IsOnline`] out.
 
 pub mod service;
 pub mod store;
@@ -13,9 +16,49 @@ pub mod task;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::topic::UserId;
+
+/// The client event, and the NATS service endpoint, that ask whether a user is online.
+pub const EVENT_IS_ONLINE: &str = "is_online";
+
+/// Why an `is_online` request names no user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IsOnlineError {
+    #[error("missing user_id")]
+    MissingUserId,
+    #[error("user_id must be a user id (a number or a numeric string)")]
+    NotAUserId,
+}
+
+/// An `is_online` request: `{"user_id": 42}` or `{"user_id": "42"}`; a number and a numeric string name
+/// the same user.
+#[derive(Debug, Clone, Copy)]
+pub struct IsOnlineRequest<'a> {
+    /// `user_id` as sent, echoed in the answer with its JSON type.
+    id: &'a Value,
+    user: UserId,
+}
+
+impl<'a> IsOnlineRequest<'a> {
+    /// # Errors
+    /// [`IsOnlineError`] when `request` has no `user_id`, or one that is not a user id.
+    pub fn parse(request: &'a Value) -> Result<Self, IsOnlineError> {
+        let id = request.get("user_id").ok_or(IsOnlineError::MissingUserId)?;
+        let user = UserId::from_json(id).ok_or(IsOnlineError::NotAUserId)?;
+        Ok(Self { id, user })
+    }
+}
+
+/// The answer to an [`IsOnlineRequest`]: `{"id": <user_id as sent>, "online": bool}`.
+#[derive(Debug, Serialize)]
+pub struct IsOnline<'a> {
+    pub id: &'a Value,
+    pub online: bool,
+}
 
 /// Presence state of this instance.
 #[derive(Debug)]
@@ -107,6 +150,13 @@ impl Presence {
         self.is_local(user) || read(&self.remote).contains_key(&user)
     }
 
+    pub fn answer<'a>(&self, request: IsOnlineRequest<'a>) -> IsOnline<'a> {
+        IsOnline {
+            id: request.id,
+            online: self.is_online(request.user),
+        }
+    }
+
     pub fn local_users(&self) -> Vec<UserId> {
         lock(&self.local).keys().copied().collect()
     }
@@ -184,6 +234,32 @@ mod tests {
         assert!(!presence.is_online(user));
         presence.leave(user);
         assert!(presence.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn is_online_requests_name_a_user_by_number_or_numeric_string() {
+        let presence = Presence::new("a");
+        presence.join(UserId::new(5));
+        let answer = |request: serde_json::Value| {
+            IsOnlineRequest::parse(&request)
+                .map(|request| serde_json::to_value(presence.answer(request)).unwrap())
+        };
+        assert_eq!(
+            answer(serde_json::json!({"user_id": 5})),
+            Ok(serde_json::json!({"id": 5, "online": true}))
+        );
+        assert_eq!(
+            answer(serde_json::json!({"user_id": "6"})),
+            Ok(serde_json::json!({"id": "6", "online": false}))
+        );
+        assert_eq!(
+            answer(serde_json::json!({"id": 5})),
+            Err(IsOnlineError::MissingUserId)
+        );
+        assert_eq!(
+            answer(serde_json::json!({"user_id": "five"})),
+            Err(IsOnlineError::NotAUserId)
+        );
     }
 
     #[test]

@@ -17,19 +17,12 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::Presence;
-use crate::topic::UserId;
+use super::{EVENT_IS_ONLINE, IsOnlineRequest, Presence};
 
 /// Name under which the service registers (`$SRV.INFO.epoch-gateway-presence`).
 pub const SERVICE_NAME: &str = "epoch-gateway-presence";
 /// Status code of a request the service cannot answer.
 const BAD_REQUEST: usize = 400;
-
-#[derive(Serialize)]
-struct IsOnline<'a> {
-    id: &'a Value,
-    online: bool,
-}
 
 #[derive(Serialize)]
 struct Count {
@@ -53,7 +46,7 @@ pub async fn serve(
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await?;
     let mut is_online = service
-        .endpoint(format!("{subject_prefix}.presence.is_online"))
+        .endpoint(format!("{subject_prefix}.presence.{EVENT_IS_ONLINE}"))
         .await?;
     let mut count = service
         .endpoint(format!("{subject_prefix}.presence.count"))
@@ -84,13 +77,8 @@ fn answer_is_online(presence: &Presence, body: &[u8]) -> Result<Bytes, service::
         code: BAD_REQUEST,
     };
     let request: Value = serde_json::from_slice(body).map_err(|_| bad("request is not JSON"))?;
-    let id = request
-        .get("user_id")
-        .ok_or_else(|| bad("missing user_id"))?;
-    let user = UserId::from_json(id)
-        .ok_or_else(|| bad("user_id must be a user id (a number or a numeric string)"))?;
-    let online = presence.is_online(user);
-    Ok(serde_json::to_vec(&IsOnline { id, online })
+    let request = IsOnlineRequest::parse(&request).map_err(|error| bad(&error.to_string()))?;
+    Ok(serde_json::to_vec(&presence.answer(request))
         .map(Bytes::from)
         .expect("a reply serialises"))
 }

@@ -265,9 +265,7 @@ impl Writer {
                 Ok(()) => records.written(user, online),
                 Err(error) => {
                     all_written = false;
-                    self.metrics
-                        .presence_write_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.metrics.presence_write_failed();
                     tracing::warn!(%user, %error, "presence record not written; will retry");
                     self.presence.mark_dirty([user]);
                 }
@@ -277,11 +275,8 @@ impl Writer {
     }
 
     fn update_gauges(&self, held: &HashSet<UserId>) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let held = i64::try_from(held.len()).unwrap_or(i64::MAX);
-        let online = i64::try_from(self.presence.online_count()).unwrap_or(i64::MAX);
-        self.metrics.presence_local_users.store(held, Relaxed);
-        self.metrics.presence_online_users.store(online, Relaxed);
+        self.metrics
+            .presence_users(held.len(), self.presence.online_count());
     }
 }
 

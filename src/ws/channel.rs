@@ -6,23 +6,19 @@
 //! ended, however it ended) leaves every joined topic.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::auth::Principal;
 use crate::hub::{ConnId, Hub, Outbound};
 use crate::metrics::Metrics;
-use crate::presence::Presence;
+use crate::presence::{EVENT_IS_ONLINE, IsOnlineRequest, Presence};
 use crate::protocol::{
     self, ClientFrame, EVENT_HEARTBEAT, EVENT_JOIN, EVENT_LEAVE, Empty, Frame, PHOENIX_TOPIC,
     Reason, Status,
 };
 use crate::topic::{Route, Topic, UserId};
 
-/// Client event asking whether a user is online.
-pub const EVENT_IS_ONLINE: &str = "is_online";
 pub const REASON_UNMATCHED_TOPIC: &str = "unmatched topic";
 pub const REASON_UNKNOWN_EVENT: &str = "unknown event";
 pub const REASON_TOO_MANY_TOPICS: &str = "too many topics joined";
@@ -52,12 +48,6 @@ pub struct Channels {
     hub: Arc<Hub>,
     presence: Arc<Presence>,
     metrics: Arc<Metrics>,
-}
-
-#[derive(Serialize)]
-struct OnlineResponse<'a> {
-    id: &'a Value,
-    online: bool,
 }
 
 impl Channels {
@@ -168,7 +158,7 @@ impl Channels {
             }
             // Anonymous, or another user's channel: the reason Epochtalk gives in both cases.
             (Route::Role | Route::User(_), _) => {
-                self.metrics.joins_refused.fetch_add(1, Ordering::Relaxed);
+                self.metrics.join_refused();
                 let reason = format!("unauthorized, cannot join '{name}' channel");
                 return error(join_ref.as_deref(), msg_ref, &name, &reason);
             }
@@ -178,7 +168,7 @@ impl Channels {
         if let (Topic::Public, Some(user)) = (topic, user) {
             self.presence.join(user);
         }
-        self.metrics.join(topic.kind());
+        self.metrics.joined(topic.kind());
         let reply = protocol::reply(join_ref.as_deref(), msg_ref, &name, Status::Ok, &Empty {});
         self.joined.push(Joined {
             name,
@@ -195,25 +185,14 @@ impl Channels {
         topic: &str,
         payload: &Value,
     ) -> Frame {
-        self.metrics
-            .is_online_queries
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.is_online_query();
         let span = tracing::info_span!("is_online", online = tracing::field::Empty).entered();
-        let Some(id) = payload.get("user_id") else {
+        let Ok(request) = IsOnlineRequest::parse(payload) else {
             return error(join_ref, msg_ref, topic, REASON_INVALID_USER_ID);
         };
-        let Some(user) = UserId::from_json(id) else {
-            return error(join_ref, msg_ref, topic, REASON_INVALID_USER_ID);
-        };
-        let online = self.presence.is_online(user);
-        span.record("online", online);
-        protocol::reply(
-            join_ref,
-            msg_ref,
-            topic,
-            Status::Ok,
-            &OnlineResponse { id, online },
-        )
+        let answer = self.presence.answer(request);
+        span.record("online", answer.online);
+        protocol::reply(join_ref, msg_ref, topic, Status::Ok, &answer)
     }
 
     fn unsubscribe(&self, topic: Topic) {

@@ -26,7 +26,7 @@ use crate::auth::{AuthError, Authenticator};
 use crate::config::AllowedOrigins;
 use crate::hub::{Hub, Kick};
 use crate::limits::{Limits, TokenBucket};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Refusal};
 use crate::presence::Presence;
 use crate::revocation::Revocations;
 use crate::topic::UserId;
@@ -162,17 +162,11 @@ pub async fn upgrade(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .try_take();
     if !within_rate {
-        state
-            .metrics
-            .upgrades_refused_limit
-            .fetch_add(1, Ordering::Relaxed);
+        state.metrics.upgrade_refused(Refusal::Limit);
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
-        state
-            .metrics
-            .upgrades_refused_limit
-            .fetch_add(1, Ordering::Relaxed);
+        state.metrics.upgrade_refused(Refusal::Limit);
         tracing::warn!("socket refused: connection limit reached");
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
@@ -181,10 +175,7 @@ pub async fn upgrade(
             .to_str()
             .is_ok_and(|origin| state.origins.allows(origin));
         if !allowed {
-            state
-                .metrics
-                .upgrades_refused_origin
-                .fetch_add(1, Ordering::Relaxed);
+            state.metrics.upgrade_refused(Refusal::Origin);
             tracing::info!(origin = ?origin, "socket refused: origin not allowed");
             return StatusCode::FORBIDDEN.into_response();
         }
@@ -194,10 +185,7 @@ pub async fn upgrade(
         .as_deref()
         .is_some_and(|vsn| vsn.starts_with(SUPPORTED_VSN_PREFIX));
     if !vsn_ok {
-        state
-            .metrics
-            .upgrades_refused_vsn
-            .fetch_add(1, Ordering::Relaxed);
+        state.metrics.upgrade_refused(Refusal::Vsn);
         return StatusCode::FORBIDDEN.into_response();
     }
     let principal = match params.token.as_deref() {
@@ -219,7 +207,7 @@ pub async fn upgrade(
             }
             Err(error) => {
                 span.record("auth", error.label());
-                state.metrics.auth_failure(error.label());
+                state.metrics.auth_failed(error.failure());
                 tracing::info!(reason = %error, "socket refused: invalid token");
                 return StatusCode::FORBIDDEN.into_response();
             }

@@ -6,8 +6,8 @@
 //! a logout or a disconnect first gets what was queued for it (the `logout` event itself). Every exit path
 //! drops [`Channels`] and the hub registration, which unsubscribes the socket and releases its presence.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -17,12 +17,13 @@ use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use super::Endpoint;
-use super::channel::{Channels, EVENT_IS_ONLINE};
+use super::channel::Channels;
 use crate::auth::Principal;
 use crate::hub::{Closer, Hub, Kick, Outbound, Queued};
 use crate::limits::TokenBucket;
-use crate::metrics::Metrics;
-use crate::protocol::{self, Frame, close_code};
+use crate::metrics::{ConnectionKind, Metrics};
+use crate::presence::EVENT_IS_ONLINE;
+use crate::protocol::{self, ClientFrame, CloseCode, Frame};
 
 /// Most queued frames written before one flush: large enough to amortise the syscall, small enough to
 /// keep a burst from delaying a reply.
@@ -32,19 +33,47 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a close frame may take; the socket is dropped after it either way.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Ends of a session in which the gateway sends no close code.
-const CLIENT_SIDE_ENDS: [&str; 5] = [
-    "write failed",
-    "write timed out",
-    "client went away",
-    "read failed",
-    "client closed",
-];
+/// How a session ended: the close code the gateway sent, or why it ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The gateway closed the socket with this code.
+    Closed(CloseCode),
+    /// A write to the socket failed.
+    WriteFailed,
+    /// A write did not finish within [`WRITE_TIMEOUT`]: the client stopped reading.
+    WriteTimedOut,
+    /// The connection ended without a close frame.
+    ClientWentAway,
+    /// Reading from the socket failed.
+    ReadFailed,
+    /// The client sent a close frame.
+    ClientClosed,
+}
 
+impl End {
+    /// Whether the gateway sent no close code: the client closed, or the connection failed.
+    const fn is_client_side(self) -> bool {
+        !matches!(self, Self::Closed(_))
+    }
+
+    /// The reason logged when the session ends.
+    const fn reason(self) -> &'static str {
+        match self {
+            Self::Closed(code) => code.reason(),
+            Self::WriteFailed => "write failed",
+            Self::WriteTimedOut => "write timed out",
+            Self::ClientWentAway => "client went away",
+            Self::ReadFailed => "read failed",
+            Self::ClientClosed => "client closed",
+        }
+    }
+}
+
+/// What one turn of the session loop woke up for.
 enum Step {
     Write(Queued),
     Inbound(Option<Result<Message, axum::Error>>),
-    Close(u16, &'static str),
+    Close(CloseCode),
     Kicked(Kick),
 }
 
@@ -74,25 +103,21 @@ pub async fn run(
     let conn = state.next_conn_id();
     let user = principal.as_ref().map(|p| p.user_id.get());
     let span = tracing::info_span!("socket", node = %state.presence.node(), conn, user);
-    let gauge = if principal.is_some() {
-        &state.metrics.connections_authenticated
+    let kind = if principal.is_some() {
+        ConnectionKind::Authenticated
     } else {
-        &state.metrics.connections_anonymous
+        ConnectionKind::Anonymous
     };
-    gauge.fetch_add(1, Ordering::Relaxed);
-    state
-        .metrics
-        .connections_opened
-        .fetch_add(1, Ordering::Relaxed);
+    state.metrics.connection_opened(kind);
     serve(socket, &state, principal, conn)
         .instrument(span)
         .await;
-    gauge.fetch_sub(1, Ordering::Relaxed);
+    state.metrics.connection_closed(kind);
 }
 
-async fn serve(mut socket: WebSocket, state: &Endpoint, principal: Option<Principal>, conn: u64) {
+async fn serve(socket: WebSocket, state: &Endpoint, principal: Option<Principal>, conn: u64) {
     tracing::debug!("socket opened");
-    let (tx, mut queue) = mpsc::channel(state.limits.outbound_queue);
+    let (tx, queue) = mpsc::channel(state.limits.outbound_queue);
     let closer = Closer::new();
     state.hub.register_socket(conn, closer.clone());
     if let Some(principal) = &principal {
@@ -111,7 +136,10 @@ async fn serve(mut socket: WebSocket, state: &Endpoint, principal: Option<Princi
         .map(|p| Duration::from_secs(p.expires_at.saturating_sub(crate::auth::unix_now())));
     let expiry = tokio::time::sleep(expires_in.unwrap_or(Duration::MAX / 4));
     tokio::pin!(expiry);
-    let mut channels = Channels::new(
+    let idle_timeout = state.limits.idle_timeout;
+    let idle = tokio::time::sleep(state.limits.first_frame_timeout.min(idle_timeout));
+    tokio::pin!(idle);
+    let channels = Channels::new(
         conn,
         state.limits.max_topics,
         principal,
@@ -120,236 +148,234 @@ async fn serve(mut socket: WebSocket, state: &Endpoint, principal: Option<Princi
         Arc::clone(&state.presence),
         Arc::clone(&state.metrics),
     );
-    let idle_timeout = state.limits.idle_timeout;
-    let idle = tokio::time::sleep(state.limits.first_frame_timeout.min(idle_timeout));
-    tokio::pin!(idle);
-    let per_sec = state.limits.max_pushes_per_sec;
-    let mut pushes = TokenBucket::new(per_sec, state.limits.push_burst);
-    // Frames refused since the budget ran out; a second's worth more closes the socket.
-    let mut refused: u32 = 0;
+    let mut session = Session {
+        socket,
+        queue,
+        pending: None,
+        channels,
+        pushes: TokenBucket::new(state.limits.max_pushes_per_sec, state.limits.push_burst),
+        max_refused: state.limits.max_pushes_per_sec,
+        refused: 0,
+        metrics: &state.metrics,
+    };
 
-    let reason = loop {
+    let end = loop {
         let step = tokio::select! {
             biased;
             // The drain normally closes sockets in paced batches; this closes whatever it did not reach.
-            () = state.close_all.cancelled() => Step::Close(close_code::GOING_AWAY, "server shutting down"),
+            () = state.close_all.cancelled() => Step::Close(CloseCode::ShuttingDown),
             kick = closer.closed() => Step::Kicked(kick),
-            () = &mut idle => Step::Close(close_code::IDLE_TIMEOUT, "idle timeout"),
-            () = &mut expiry, if expires_in.is_some() => Step::Close(close_code::TOKEN_EXPIRED, "token expired"),
+            () = &mut idle => Step::Close(CloseCode::IdleTimeout),
+            () = &mut expiry, if expires_in.is_some() => Step::Close(CloseCode::TokenExpired),
             // `Channels` holds a sender for as long as this loop runs, so the queue never ends here.
-            Some(frame) = queue.recv() => Step::Write(frame),
-            message = socket.next() => Step::Inbound(message),
+            Some(frame) = session.queue.recv() => Step::Write(frame),
+            message = session.socket.next() => Step::Inbound(message),
         };
-        match step {
-            Step::Write(first) => {
-                let written = tokio::select! {
-                    result = timeout(WRITE_TIMEOUT, write_batch(&mut socket, first, &mut queue, &state.metrics)) => result,
-                    _ = closer.closed() => continue,
-                };
-                match written {
-                    Ok(Ok(count)) => {
-                        state.metrics.frames_out.fetch_add(count, Ordering::Relaxed);
-                    }
-                    Ok(Err(_)) => break "write failed",
-                    Err(_) => break "write timed out",
-                }
-            }
-            Step::Inbound(None) => break "client went away",
-            Step::Inbound(Some(Err(error))) => {
-                let error = error.into_inner();
-                let refusal = match error.downcast_ref::<tungstenite::Error>() {
-                    Some(tungstenite::Error::Capacity(_)) => {
-                        Some((close_code::MESSAGE_TOO_BIG, "message too big"))
-                    }
-                    Some(tungstenite::Error::Utf8(_)) => {
-                        Some((close_code::INVALID_FRAME, "text frame is not UTF-8"))
-                    }
-                    _ => None,
-                };
-                if let Some((code, reason)) = refusal {
-                    state
-                        .metrics
-                        .invalid_client_frames
-                        .fetch_add(1, Ordering::Relaxed);
-                    close(&mut socket, &state.metrics, code, reason).await;
-                    break reason;
-                }
-                tracing::debug!(%error, "socket read failed");
-                break "read failed";
-            }
+        let flow = match step {
+            Step::Write(first) => session.write_queued(first, &closer).await,
+            Step::Inbound(None) => ControlFlow::Break(End::ClientWentAway),
+            Step::Inbound(Some(Err(error))) => ControlFlow::Break(session.read_failed(error).await),
             Step::Inbound(Some(Ok(message))) => {
                 idle.as_mut().reset(Instant::now() + idle_timeout);
-                match message {
-                    Message::Text(text) => match protocol::decode(text.as_str()) {
-                        Ok(frame) if !pushes.try_take() => {
-                            state
-                                .metrics
-                                .pushes_rate_limited
-                                .fetch_add(1, Ordering::Relaxed);
-                            refused += 1;
-                            if refused > per_sec {
-                                close(
-                                    &mut socket,
-                                    &state.metrics,
-                                    close_code::POLICY_VIOLATION,
-                                    "too many messages",
-                                )
-                                .await;
-                                break "too many messages";
-                            }
-                            if write_all(&mut socket, vec![Channels::rate_limited(&frame)])
-                                .await
-                                .is_err()
-                            {
-                                break "write failed";
-                            }
-                        }
-                        Ok(frame) => {
-                            refused = 0;
-                            let started = std::time::Instant::now();
-                            let is_online = frame.event == EVENT_IS_ONLINE;
-                            let replies = channels.handle(frame);
-                            let count = replies.len() as u64;
-                            if write_all(&mut socket, replies).await.is_err() {
-                                break "write failed";
-                            }
-                            if is_online {
-                                state.metrics.is_online_latency.observe(started.elapsed());
-                            }
-                            state.metrics.frames_out.fetch_add(count, Ordering::Relaxed);
-                        }
-                        Err(error) => {
-                            state
-                                .metrics
-                                .invalid_client_frames
-                                .fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(%error, "invalid client frame");
-                            close(
-                                &mut socket,
-                                &state.metrics,
-                                close_code::INVALID_FRAME,
-                                "invalid frame",
-                            )
-                            .await;
-                            break "invalid frame";
-                        }
-                    },
-                    Message::Binary(_) => {
-                        state
-                            .metrics
-                            .invalid_client_frames
-                            .fetch_add(1, Ordering::Relaxed);
-                        close(
-                            &mut socket,
-                            &state.metrics,
-                            close_code::UNSUPPORTED_DATA,
-                            "text frames only",
-                        )
-                        .await;
-                        break "binary frame";
-                    }
-                    // Pings are answered by the WebSocket layer on the next flush.
-                    Message::Ping(_) | Message::Pong(_) => {
-                        let _ = timeout(WRITE_TIMEOUT, socket.flush()).await;
-                    }
-                    Message::Close(_) => {
-                        // Answer the close handshake promptly: phoenix.js waits for it before rejoining.
-                        let _ = timeout(WRITE_TIMEOUT, socket.flush()).await;
-                        break "client closed";
-                    }
-                }
+                session.inbound(message).await
             }
-            Step::Close(code, reason) => {
-                close(&mut socket, &state.metrics, code, reason).await;
-                break reason;
-            }
-            Step::Kicked(Kick::SlowConsumer) => {
-                state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                close(
-                    &mut socket,
-                    &state.metrics,
-                    close_code::SLOW_CONSUMER,
-                    "slow consumer",
-                )
-                .await;
-                break "slow consumer";
-            }
-            Step::Kicked(kick) => {
-                // Deliver what is already queued (the `logout` event itself) before closing.
-                while let Ok(frame) = queue.try_recv() {
-                    let flushed = timeout(
-                        CLOSE_TIMEOUT,
-                        write_batch(&mut socket, frame, &mut queue, &state.metrics),
-                    )
-                    .await;
-                    if !matches!(flushed, Ok(Ok(_))) {
-                        break;
-                    }
-                }
-                let (code, reason) = match kick {
-                    Kick::Revoked => (close_code::TOKEN_REVOKED, "token revoked"),
-                    Kick::ShuttingDown => (close_code::GOING_AWAY, "server shutting down"),
-                    _ => (close_code::DISCONNECTED, "disconnected by the server"),
+            Step::Close(code) => ControlFlow::Break(session.close(code).await),
+            Step::Kicked(kick) => ControlFlow::Break(session.kicked(kick).await),
+        };
+        if let ControlFlow::Break(end) = flow {
+            break end;
+        }
+    };
+    if end.is_client_side() {
+        state.metrics.closed_by_client();
+    }
+    drop(session);
+    tracing::debug!(reason = end.reason(), "socket closed");
+}
+
+/// The socket and everything its session reads and writes.
+struct Session<'a> {
+    socket: WebSocket,
+    queue: mpsc::Receiver<Queued>,
+    /// The next queued frame to write, taken off the queue but not yet handed to the socket.
+    pending: Option<Queued>,
+    channels: Channels,
+    pushes: TokenBucket,
+    /// Frames refused in a row (a second's worth of the rate) after which the socket is closed.
+    max_refused: u32,
+    /// Frames refused since the budget ran out.
+    refused: u32,
+    metrics: &'a Metrics,
+}
+
+impl Session<'_> {
+    /// Writes a batch of queued frames, `first` first. A kick interrupts the batch and is handled on the
+    /// next turn of the loop.
+    async fn write_queued(&mut self, first: Queued, closer: &Closer) -> ControlFlow<End> {
+        self.pending = Some(first);
+        // Cancelling `write_batch` loses no frame (see there).
+        tokio::select! {
+            written = timeout(WRITE_TIMEOUT, self.write_batch()) => match written {
+                Ok(Ok(_)) => ControlFlow::Continue(()),
+                Ok(Err(_)) => ControlFlow::Break(End::WriteFailed),
+                Err(_) => ControlFlow::Break(End::WriteTimedOut),
+            },
+            _ = closer.closed() => ControlFlow::Continue(()),
+        }
+    }
+
+    /// Writes the pending frame and up to [`MAX_BATCH`] frames in all from the queue, with one flush.
+    /// Returns how many it wrote.
+    ///
+    /// Cancel-safe: it awaits only the socket's readiness and its flush, and holds no frame while it does.
+    /// A frame leaves `pending` only once the socket has room for it, and then in the same poll; the
+    /// socket keeps what it was given, and the next write (a close frame too) flushes it. Cancelled, the
+    /// batch loses no frame, only its latency sample.
+    async fn write_batch(&mut self) -> Result<usize, axum::Error> {
+        let mut written = 0;
+        let mut first_received = None;
+        while written < MAX_BATCH {
+            if self.pending.is_none() {
+                let Ok(queued) = self.queue.try_recv() else {
+                    break;
                 };
-                close(&mut socket, &state.metrics, code, reason).await;
-                break reason;
+                self.pending = Some(queued);
             }
-        }
-    };
-    if CLIENT_SIDE_ENDS.contains(&reason) {
-        state.metrics.close(0);
-    }
-    drop(channels);
-    tracing::debug!(reason, "socket closed");
-}
-
-async fn write_batch(
-    socket: &mut WebSocket,
-    first: Queued,
-    queue: &mut mpsc::Receiver<Queued>,
-    metrics: &Metrics,
-) -> Result<u64, axum::Error> {
-    let received = first.received();
-    socket.feed(Message::Text(first.frame())).await?;
-    let mut count = 1;
-    while count < MAX_BATCH as u64 {
-        let Ok(queued) = queue.try_recv() else { break };
-        socket.feed(Message::Text(queued.frame())).await?;
-        count += 1;
-    }
-    socket.flush().await?;
-    metrics.fanout_latency.observe(received.elapsed());
-    Ok(count)
-}
-
-async fn write_all(socket: &mut WebSocket, frames: Vec<Frame>) -> Result<(), axum::Error> {
-    let write = async {
-        for frame in frames {
-            socket.feed(Message::Text(frame)).await?;
-        }
-        socket.flush().await
-    };
-    timeout(WRITE_TIMEOUT, write)
-        .await
-        .unwrap_or_else(|_| Err(axum::Error::new("write timed out")))
-}
-
-/// Sends a close frame and waits (briefly) for the client's: dropping the connection at once could reset
-/// it before the client has read the close code. A client that does not answer in time is dropped anyway.
-async fn close(socket: &mut WebSocket, metrics: &Metrics, code: u16, reason: &'static str) {
-    metrics.close(code);
-    let frame = CloseFrame {
-        code,
-        reason: reason.into(),
-    };
-    let handshake = async {
-        socket.send(Message::Close(Some(frame))).await?;
-        while let Some(message) = socket.next().await {
-            if matches!(message?, Message::Close(_)) {
+            std::future::poll_fn(|cx| self.socket.poll_ready_unpin(cx)).await?;
+            // Taken only now that the socket has room: a wait cancelled above leaves it pending.
+            let Some(queued) = self.pending.take() else {
                 break;
+            };
+            first_received.get_or_insert(queued.received());
+            self.socket
+                .start_send_unpin(Message::Text(queued.frame()))?;
+            self.metrics.frames_written(1);
+            written += 1;
+        }
+        self.socket.flush().await?;
+        if let Some(received) = first_received {
+            self.metrics.fanout_latency(received.elapsed());
+        }
+        Ok(written)
+    }
+
+    /// Writes the replies to one client frame right away.
+    async fn reply(&mut self, frames: Vec<Frame>) -> ControlFlow<End> {
+        let write = async {
+            for frame in frames {
+                self.socket.feed(Message::Text(frame)).await?;
+            }
+            self.socket.flush().await
+        };
+        match timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => ControlFlow::Continue(()),
+            Ok(Err(_)) | Err(_) => ControlFlow::Break(End::WriteFailed),
+        }
+    }
+
+    async fn inbound(&mut self, message: Message) -> ControlFlow<End> {
+        match message {
+            Message::Text(text) => match protocol::decode(text.as_str()) {
+                Ok(frame) => self.push(frame).await,
+                Err(error) => {
+                    self.metrics.invalid_client_frame();
+                    tracing::debug!(%error, "invalid client frame");
+                    ControlFlow::Break(self.close(CloseCode::InvalidFrame).await)
+                }
+            },
+            Message::Binary(_) => {
+                self.metrics.invalid_client_frame();
+                ControlFlow::Break(self.close(CloseCode::BinaryFrame).await)
+            }
+            // Pings are answered by the WebSocket layer on the next flush.
+            Message::Ping(_) | Message::Pong(_) => {
+                let _ = timeout(WRITE_TIMEOUT, self.socket.flush()).await;
+                ControlFlow::Continue(())
+            }
+            Message::Close(_) => {
+                // Answer the close handshake promptly: phoenix.js waits for it before rejoining.
+                let _ = timeout(WRITE_TIMEOUT, self.socket.flush()).await;
+                ControlFlow::Break(End::ClientClosed)
             }
         }
-        Ok::<_, axum::Error>(())
-    };
-    let _ = timeout(CLOSE_TIMEOUT, handshake).await;
+    }
+
+    /// One decoded client frame: answered, or refused by the rate limit.
+    async fn push(&mut self, frame: ClientFrame) -> ControlFlow<End> {
+        if !self.pushes.try_take() {
+            self.metrics.push_rate_limited();
+            self.refused += 1;
+            if self.refused > self.max_refused {
+                return ControlFlow::Break(self.close(CloseCode::TooManyMessages).await);
+            }
+            return self.reply(vec![Channels::rate_limited(&frame)]).await;
+        }
+        self.refused = 0;
+        let started = std::time::Instant::now();
+        let is_online = frame.event == EVENT_IS_ONLINE;
+        let replies = self.channels.handle(frame);
+        let count = replies.len() as u64;
+        self.reply(replies).await?;
+        if is_online {
+            self.metrics.is_online_answered(started.elapsed());
+        }
+        self.metrics.frames_written(count);
+        ControlFlow::Continue(())
+    }
+
+    /// A read error: a message the WebSocket layer refused gets its close code, anything else ends the
+    /// session.
+    async fn read_failed(&mut self, error: axum::Error) -> End {
+        let error = error.into_inner();
+        let code = match error.downcast_ref::<tungstenite::Error>() {
+            Some(tungstenite::Error::Capacity(_)) => CloseCode::MessageTooBig,
+            Some(tungstenite::Error::Utf8(_)) => CloseCode::InvalidUtf8,
+            _ => {
+                tracing::debug!(%error, "socket read failed");
+                return End::ReadFailed;
+            }
+        };
+        self.metrics.invalid_client_frame();
+        self.close(code).await
+    }
+
+    /// Closes a socket closed from outside its session. A slow consumer is closed at once; any other kick
+    /// first delivers what is already queued (the `logout` event itself).
+    async fn kicked(&mut self, kick: Kick) -> End {
+        let code = match kick {
+            Kick::SlowConsumer => {
+                self.metrics.slow_consumer_closed();
+                CloseCode::SlowConsumer
+            }
+            Kick::Revoked => CloseCode::TokenRevoked,
+            Kick::Disconnected => CloseCode::Disconnected,
+            Kick::ShuttingDown => CloseCode::ShuttingDown,
+        };
+        if kick != Kick::SlowConsumer {
+            while let Ok(Ok(1..)) = timeout(CLOSE_TIMEOUT, self.write_batch()).await {}
+        }
+        self.close(code).await
+    }
+
+    /// Sends a close frame and waits (briefly) for the client's: dropping the connection at once could
+    /// reset it before the client has read the close code. A client that does not answer in time is
+    /// dropped anyway.
+    async fn close(&mut self, code: CloseCode) -> End {
+        self.metrics.close_sent(code);
+        let frame = CloseFrame {
+            code: code.code(),
+            reason: code.reason().into(),
+        };
+        let handshake = async {
+            self.socket.send(Message::Close(Some(frame))).await?;
+            while let Some(message) = self.socket.next().await {
+                if matches!(message?, Message::Close(_)) {
+                    break;
+                }
+            }
+            Ok::<_, axum::Error>(())
+        };
+        let _ = timeout(CLOSE_TIMEOUT, handshake).await;
+        End::Closed(code)
+    }
 }

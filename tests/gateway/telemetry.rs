@@ -292,6 +292,10 @@ async fn every_metric_on_the_grafana_dashboard_is_exported() {
     let nats = Nats::start();
     let gw = Gateway::start(&nats.url).await;
     let exported = gw.http_body("/metrics").await;
+    assert!(
+        exported.ends_with("# EOF\n"),
+        "an OpenMetrics exposition ends in # EOF"
+    );
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/epoch-gateway.json");
     let dashboard: serde_json::Value =

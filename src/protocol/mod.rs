@@ -2,7 +2,12 @@
 //!
 //! Every frame is a JSON array `[join_ref, ref, topic, event, payload]`. This module turns socket text into
 //! [`ClientFrame`] and builds the server frames (replies, `phx_close`, broadcasts) as [`Frame`], the shared,
-//! cheaply cloned text that the hub hands to every subscriber. It knows nothing of NATS, the hub or sockets.
+//! cheaply cloned text that the hub hands to every subscriber. [`mod@close`] is the catalogue of the close codes
+//! the gateway ends a socket with. It knows nothing of NATS, the hub or sockets.
+
+pub mod close;
+
+pub use close::CloseCode;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -186,37 +191,6 @@ pub fn with_ref(frame: &Frame, msg_ref: &str) -> Frame {
     text.push(',');
     text.push_str(body);
     text.into()
-}
-
-/// WebSocket close codes the gateway sends, and what a client should do about them.
-///
-/// phoenix.js reconnects after any close except code 1000, so every code here except
-/// [`close_code::NORMAL`] makes the browser come back.
-pub mod close_code {
-    /// The client asked to close.
-    pub const NORMAL: u16 = 1000;
-    /// The instance is shutting down; reconnect (to another instance).
-    pub const GOING_AWAY: u16 = 1001;
-    /// A binary frame: this protocol is JSON text only.
-    pub const UNSUPPORTED_DATA: u16 = 1003;
-    /// A text frame that is not a Phoenix V2 message.
-    pub const INVALID_FRAME: u16 = 1007;
-    /// The client kept sending over its rate limit after error replies.
-    pub const POLICY_VIOLATION: u16 = 1008;
-    /// A message over `ws.max_message_bytes`.
-    pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// No frame arrived within the idle timeout (phoenix.js heartbeats every 30 s), or no first frame
-    /// within the first-frame timeout.
-    pub const IDLE_TIMEOUT: u16 = 4000;
-    /// The socket's outbound queue overflowed: the client does not read fast enough.
-    pub const SLOW_CONSUMER: u16 = 4001;
-    /// The token the socket authenticated with has expired. Reconnecting with it is refused (403):
-    /// the client needs a new token.
-    pub const TOKEN_EXPIRED: u16 = 4401;
-    /// The token was revoked (logout). Reconnecting with it is refused (403).
-    pub const TOKEN_REVOKED: u16 = 4402;
-    /// The backend disconnected the user (a ban, for example).
-    pub const DISCONNECTED: u16 = 4403;
 }
 
 #[cfg(test)]
