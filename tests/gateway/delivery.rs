@@ -129,6 +129,21 @@ async fn ensure_creates_then_keeps_then_updates_and_a_recreated_stream_has_a_new
 }
 
 #[tokio::test]
+async fn instances_starting_together_agree_on_one_stream() {
+    let nats = Nats::start();
+    let spec = spec(&unique("t"));
+    let mut contexts = Vec::new();
+    for _ in 0..4 {
+        contexts.push(context(nats.client().await));
+    }
+    let ensured =
+        futures::future::join_all(contexts.iter().map(|js| stream::ensure(js, &spec))).await;
+    let ensured: Vec<_> = ensured.into_iter().map(Result::unwrap).collect();
+    assert!(ensured.iter().any(|e| e.outcome == Outcome::Created));
+    assert!(ensured.iter().all(|e| e.epoch == ensured[0].epoch));
+}
+
+#[tokio::test]
 async fn each_stored_event_is_republished_once_with_its_metadata_and_the_publishers_headers() {
     let nats = Nats::start();
     let client = nats.client().await;
