@@ -218,8 +218,15 @@ pub async fn read(
             Ok(Ok(())) => return Ok(progress.events),
             Ok(Err(Stop::Fatal(err))) => return Err(err),
             Ok(Err(Stop::Retry(err))) => {
-                tracing::debug!(stream = %request.stream, filter = %request.filter,
-                    cursor = progress.cursor, error = %err, source = ?std::error::Error::source(&err), "stream read retries");
+                let source = std::error::Error::source(&err);
+                tracing::debug!(
+                    stream = %request.stream,
+                    filter = %request.filter,
+                    cursor = progress.cursor,
+                    error = %err,
+                    source = ?source,
+                    "stream read retries"
+                );
                 last_failure = Some(err);
             }
             Err(_elapsed) => break,
