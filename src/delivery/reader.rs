@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{self, DeliverPolicy, pull};
 use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
-use async_nats::jetstream::{self, context};
+use async_nats::jetstream::{self, ErrorCode, context};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::time::Instant;
@@ -218,8 +218,15 @@ pub async fn read(
             Ok(Ok(())) => return Ok(progress.events),
             Ok(Err(Stop::Fatal(err))) => return Err(err),
             Ok(Err(Stop::Retry(err))) => {
-                tracing::debug!(stream = %request.stream, filter = %request.filter,
-                    cursor = progress.cursor, error = %err, "stream read retries");
+                let source = std::error::Error::source(&err);
+                tracing::debug!(
+                    stream = %request.stream,
+                    filter = %request.filter,
+                    cursor = progress.cursor,
+                    error = %err,
+                    source = ?source,
+                    "stream read retries"
+                );
                 last_failure = Some(err);
             }
             Err(_elapsed) => break,
@@ -295,12 +302,10 @@ async fn attempt(
     let result = match result {
         // The consumer's server has nothing more; only the leader can tell whether that is the end.
         Err(Stop::Retry(AttemptError::Behind)) if matches!(request.until, Until::Seq(_)) => {
-            let last_seq = info.state.last_sequence;
-            let last = last_of_filter(&stream, &request.filter).await?;
-            if last_seq >= target && last <= progress.cursor {
-                Ok(())
-            } else {
-                Err(Stop::Retry(AttemptError::Behind))
+            match last_of_filter(&stream, &request.filter).await {
+                Ok(last) if info.state.last_sequence >= target && last <= progress.cursor => Ok(()),
+                Ok(_) => Err(Stop::Retry(AttemptError::Behind)),
+                Err(err) => Err(Stop::Retry(err)),
             }
         }
         other => other,
@@ -379,6 +384,75 @@ async fn last_of_filter(stream: &stream::Stream, filter: &str) -> Result<u64, At
         Err(err) if matches!(err.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(0),
         Err(err) => Err(AttemptError::Head(err)),
     }
+}
+
+/// How many stored events of `filter` have sequences after `after`: the `num_pending` of a consumer created
+/// to start there (and removed at once). Failed steps are retried until `deadline`.
+///
+/// The count comes from the server hosting that consumer, which after a failure may be a replica that is
+/// behind; a recovery decision takes it after the replay was read (see [`super::recovery`]).
+pub async fn count_after(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    after: u64,
+    deadline: Duration,
+) -> Result<u64, ReadError> {
+    let until = Instant::now() + deadline;
+    let mut backoff = FIRST_BACKOFF;
+    let mut last_failure = None;
+    loop {
+        let attempt = async {
+            let handle = js.get_stream_no_info(stream).await.map_err(|_| {
+                Stop::Fatal(ReadError::Invalid {
+                    reason: "invalid stream name",
+                })
+            })?;
+            let consumer = handle
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: filter.to_owned(),
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: after.saturating_add(1),
+                    },
+                    ..pull::OrderedConfig::default()
+                })
+                .await
+                .map_err(|err| {
+                    if matches!(err.kind(), stream::ConsumerErrorKind::JetStream(e)
+                        if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
+                    {
+                        Stop::Fatal(ReadError::StreamGone {
+                            stream: stream.to_owned(),
+                        })
+                    } else {
+                        Stop::Retry(AttemptError::Consumer(err))
+                    }
+                })?;
+            let info = consumer.cached_info();
+            let _ =
+                tokio::time::timeout(CONSUMER_DELETE_TIMEOUT, handle.delete_consumer(&info.name))
+                    .await;
+            Ok::<u64, Stop>(info.num_pending)
+        };
+        match tokio::time::timeout_at(until, attempt).await {
+            Ok(Ok(count)) => return Ok(count),
+            Ok(Err(Stop::Fatal(err))) => return Err(err),
+            Ok(Err(Stop::Retry(err))) => last_failure = Some(err),
+            Err(_elapsed) => break,
+        }
+        if Instant::now() + backoff >= until {
+            break;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    Err(ReadError::Timeout {
+        filter: filter.to_owned(),
+        reached: after,
+        target: Until::Head,
+        deadline,
+        last_failure,
+    })
 }
 
 /// The stream's extent and incarnation, as its leader reports them.

@@ -24,6 +24,11 @@
 //! Contraposition: `count < per_topic` and `first_seq ≤ since + 1` prove that every event of the topic after
 //! `since` is still stored; reading them all (up to the head, never stopping short) replays exactly what the
 //! client missed. The epoch check ensures `since` counts sequences of this very stream.
+//!
+//! Events keep arriving while a replay is read, and each can trim the topic's oldest event. A trim that
+//! removed an event after `since` before the read delivered it leaves the topic with `per_topic` events
+//! after `since` (or raises `first_seq`), so the facts are taken *after* the replay was read: if they still
+//! prove completeness, nothing was removed under the read either.
 
 use super::position::{Epoch, Position, PositionError};
 

@@ -7,6 +7,7 @@ mod auth;
 mod channels;
 mod cli;
 mod cluster;
+mod delivery;
 mod helpers;
 mod hostile;
 mod ingress;
