@@ -22,8 +22,10 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::broker::{self, Nats, ingress};
 use crate::config::Settings;
+use crate::delivery::live::{self, Delivery};
+use crate::delivery::stream::StreamSpec;
 use crate::http::{self, Readiness};
-use crate::hub::{Hub, Kick};
+use crate::hub::{Hub, Interest, Kick};
 use crate::metrics::Metrics;
 use crate::presence::store::{BucketSpec, StoreError};
 use crate::presence::{self, Presence};
@@ -41,6 +43,8 @@ pub struct Application {
     endpoint: Arc<Endpoint>,
     nats: Nats,
     revoked: mpsc::UnboundedReceiver<(String, u64)>,
+    /// The hub's per-user interest, which the event stream's ingress follows.
+    interest: Option<mpsc::UnboundedReceiver<Interest>>,
 }
 
 /// Pending connections the kernel queues before `accept` (capped by `net.core.somaxconn`). A reconnect
@@ -74,12 +78,37 @@ impl Application {
         .await
         .context("invalid NATS configuration")?;
         let (revocations, revoked) = Revocations::new();
+        // With the event stream, the hub announces which users have a session here, and ingress follows
+        // just those users' events.
+        let (hub, interest) = if settings.delivery.enabled {
+            let (hub, interest) = Hub::with_interest();
+            (Arc::new(hub), Some(interest))
+        } else {
+            (Arc::new(Hub::new()), None)
+        };
+        let delivery = settings.delivery.enabled.then(|| {
+            let options = live::Options {
+                spec: StreamSpec {
+                    name: settings.delivery.stream.clone(),
+                    subject_prefix: settings.nats.subject_prefix.clone(),
+                    replicas: settings.delivery.replicas,
+                    history: settings.delivery_history(),
+                    // Validated to fit.
+                    per_topic: i64::try_from(settings.delivery.history_per_topic)
+                        .unwrap_or(i64::MAX),
+                },
+                max_recover: settings.delivery.max_recover,
+                max_bytes: settings.nats.max_message_bytes,
+            };
+            Delivery::new(options, nats.clone(), Arc::clone(&metrics))
+        });
         let services = Services {
             auth,
-            hub: Arc::new(Hub::new()),
+            hub,
             presence: Presence::new(settings.node_id()),
             revocations,
             metrics,
+            delivery,
         };
         let endpoint = Arc::new(Endpoint::new(
             services,
@@ -94,6 +123,7 @@ impl Application {
             endpoint,
             nats,
             revoked,
+            interest,
         })
     }
 
@@ -114,6 +144,7 @@ impl Application {
             endpoint,
             nats,
             revoked,
+            interest,
         } = self;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, node = settings.node_id(), "listening on {addr}");
@@ -122,6 +153,7 @@ impl Application {
         let readiness = Readiness {
             nats: nats.clone(),
             presence: presence_ready_rx,
+            delivery: endpoint.delivery.clone(),
         };
         // Frames are batched and flushed by the session; Nagle's algorithm would hold a small frame back
         // until the previous segment is acknowledged.
@@ -148,14 +180,22 @@ impl Application {
                 on_logout,
             )
         };
-        let ingress = tokio::spawn({
-            let (nats, stop) = (nats.clone(), ingress_stop.clone());
-            async move {
-                if let Err(error) = ingress::run(nats, router, stop).await {
-                    tracing::error!(%error, "NATS ingress subscription failed");
+        let ingress = match (endpoint.delivery.clone(), interest) {
+            (Some(delivery), Some(interest)) => tokio::spawn(live::follow(
+                delivery,
+                router,
+                interest,
+                ingress_stop.clone(),
+            )),
+            _ => tokio::spawn({
+                let (nats, stop) = (nats.clone(), ingress_stop.clone());
+                async move {
+                    if let Err(error) = ingress::run(nats, router, stop).await {
+                        tracing::error!(%error, "NATS ingress subscription failed");
+                    }
                 }
-            }
-        });
+            }),
+        };
 
         let presence_stop = CancellationToken::new();
         let options = presence::task::Options {

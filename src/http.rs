@@ -1,6 +1,6 @@
 //! HTTP: the router of the instance's one listener. `/socket/websocket` is the WebSocket endpoint
 //! ([`crate::ws`]); `/healthz` says the process is alive; `/readyz` says it can serve (NATS connected,
-//! presence bucket open, not shutting down); `/metrics` is the Prometheus exposition.
+//! presence bucket open, event stream open when delivery is on, not shutting down); `/metrics` is the Prometheus exposition.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use axum::routing::{any, get};
 use tokio::sync::watch;
 
 use crate::broker::Nats;
+use crate::delivery::live::Delivery;
 use crate::metrics::Metrics;
 use crate::ws::{self, Endpoint};
 
@@ -20,6 +21,8 @@ pub struct Readiness {
     pub nats: Nats,
     /// True once the presence bucket is open.
     pub presence: watch::Receiver<bool>,
+    /// The event stream, when delivery is on: ready once it is open.
+    pub delivery: Option<Arc<Delivery>>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +37,11 @@ impl Probes {
         !self.endpoint.shutdown.is_cancelled()
             && *self.readiness.presence.borrow()
             && self.readiness.nats.is_connected()
+            && self
+                .readiness
+                .delivery
+                .as_ref()
+                .is_none_or(|delivery| delivery.epoch().is_some())
     }
 }
 

@@ -409,7 +409,7 @@ impl Follower {
 
     /// The stream's last sequence, read after subscriptions were made: every event of a newly followed
     /// topic after it arrives live. Falls back on the highest sequence seen.
-    async fn watermark(&self) -> u64 {
+    async fn watermark(&mut self) -> u64 {
         // The server has registered the subscriptions once a flush returns.
         let _ = tokio::time::timeout(WATERMARK_TIMEOUT, self.nats.client().flush()).await;
         let js = self.nats.jetstream();

@@ -28,6 +28,8 @@ const BASE36: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 pub enum PositionError {
     #[error("position is empty")]
     Empty,
+    #[error("position is not a string")]
+    NotAString,
     #[error("position is {len} bytes long, more than {MAX_POSITION_LEN}")]
     TooLong { len: usize },
     #[error("position has no `.` between epoch and sequence")]

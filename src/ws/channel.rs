@@ -2,12 +2,27 @@
 //!
 //! [`Channels::handle`] takes one decoded client frame and returns the frames to send back, in order. It
 //! subscribes and unsubscribes the socket in the hub and tells presence about authenticated joins of
-//! `user:public`. Everything here is synchronous: no frame waits on NATS. Dropping [`Channels`] (the socket
-//! ended, however it ended) leaves every joined topic.
+//! `user:public`. It is synchronous, with one exception: a join that must wait for the event stream (a
+//! user topic whose upstream subscription is not in place yet, or a `since` that the hot window cannot
+//! answer) leaves a [`PendingJoin`], which the session completes with [`Channels::complete`] before it
+//! reads the next frame. Dropping [`Channels`] (the socket ended, however it ended) leaves every joined
+//! topic.
+//!
+//! With the event stream on, a join may ask for positions (`{"positions": true}`, or `{"since": P}`):
+//! its broadcasts then carry their position in the ref slot, its ok reply carries `position` (and
+//! `recovered` with `since`), and a recovery replays what the socket missed, after which live copies up
+//! to the last replayed position are dropped ([`Channels::replayed`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::delivery::live::{Delivery, JoinView, Recovery};
+use crate::delivery::position::{Position, PositionError};
+use crate::hub::Queued;
 
 use crate::auth::Principal;
 use crate::hub::{ConnId, Hub, Outbound};
@@ -25,6 +40,49 @@ pub const REASON_TOO_MANY_TOPICS: &str = "too many topics joined";
 pub const REASON_RATE_LIMITED: &str = "rate limited";
 pub const REASON_INVALID_USER_ID: &str =
     "invalid user_id: expected a user id as a number or a numeric string";
+pub const REASON_INVALID_POSITIONS: &str = "invalid positions: expected true or false";
+pub const REASON_UNAVAILABLE: &str = "temporarily unavailable: the event stream is not reachable";
+
+/// Join payload key turning positions on.
+pub const PARAM_POSITIONS: &str = "positions";
+/// Join payload key asking for a recovery after a position (positions on too).
+pub const PARAM_SINCE: &str = "since";
+/// How long a join waits for its user's upstream subscription before it is refused as unavailable
+/// (phoenix.js rejoins after an error).
+const UPSTREAM_WAIT: Duration = Duration::from_secs(5);
+/// How long a recovery may take before the join is answered with `recovered: false`.
+const RECOVERY_WAIT: Duration = Duration::from_secs(6);
+
+/// What a join asked for beyond the plain subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Wants {
+    /// Today's join: `[null, null, …]` broadcasts, `{}` response.
+    Plain,
+    /// Positions, no recovery.
+    Positions,
+    /// Positions and a recovery after `since` (parsed, or why it is not a position).
+    Since(Result<Position, PositionError>),
+}
+
+/// A join that waits for the event stream before it is answered.
+#[derive(Debug)]
+pub struct PendingJoin {
+    topic: Topic,
+    name: String,
+    join_ref: Option<String>,
+    msg_ref: Option<String>,
+    wants: Wants,
+    upstream: Option<oneshot::Receiver<()>>,
+}
+
+/// The response of a join with positions.
+#[derive(Serialize)]
+struct Positioned {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    position: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
+}
 
 /// Frames produced by one client frame; at most two (a `phx_close` and a reply).
 pub type Replies = Vec<Frame>;
@@ -48,6 +106,11 @@ pub struct Channels {
     hub: Arc<Hub>,
     presence: Arc<Presence>,
     metrics: Arc<Metrics>,
+    /// The event stream, when delivery is on.
+    delivery: Option<Arc<Delivery>>,
+    pending: Option<PendingJoin>,
+    /// Per topic, the last position replayed to this socket: live copies up to it are dropped.
+    replayed: Vec<(Topic, u64)>,
 }
 
 impl Channels {
@@ -69,6 +132,190 @@ impl Channels {
             hub,
             presence,
             metrics,
+            delivery: None,
+            pending: None,
+            replayed: Vec::new(),
+        }
+    }
+
+    /// Channels whose joins may ask for positions and recovery from `delivery`.
+    pub fn with_delivery(mut self, delivery: Option<Arc<Delivery>>) -> Self {
+        self.delivery = delivery;
+        self
+    }
+
+    /// The join left by the last [`Self::handle`] to complete, if any.
+    pub fn take_pending(&mut self) -> Option<PendingJoin> {
+        self.pending.take()
+    }
+
+    /// Whether a queued broadcast was already replayed to this socket (and must not be written again).
+    pub fn replayed(&mut self, queued: &Queued) -> bool {
+        let Some(i) = self.replayed.iter().position(|(t, _)| *t == queued.topic()) else {
+            return false;
+        };
+        if queued.seq() <= self.replayed[i].1 {
+            return true;
+        }
+        // Live copies arrive in stream order: once one is past the replay, every later one is too.
+        self.replayed.swap_remove(i);
+        false
+    }
+
+    /// Completes a pending join: waits for the user's upstream subscription, then recovers when asked.
+    /// Returns the reply and, after it, the replayed broadcasts.
+    pub async fn complete(&mut self, pending: PendingJoin) -> Replies {
+        let PendingJoin {
+            topic,
+            name,
+            join_ref,
+            msg_ref,
+            wants,
+            upstream,
+        } = pending;
+        if let Some(upstream) = upstream
+            && !matches!(
+                tokio::time::timeout(UPSTREAM_WAIT, upstream).await,
+                Ok(Ok(()))
+            )
+        {
+            tracing::warn!(%topic, "join refused: the user's events are not subscribed yet");
+            self.leave_topic(&name);
+            return vec![error(
+                join_ref.as_deref(),
+                msg_ref.as_deref(),
+                &name,
+                REASON_UNAVAILABLE,
+            )];
+        }
+        let (join_ref, msg_ref) = (join_ref.as_deref(), msg_ref.as_deref());
+        let Some(delivery) = self.delivery.clone() else {
+            return vec![protocol::reply(
+                join_ref,
+                msg_ref,
+                &name,
+                Status::Ok,
+                &Empty {},
+            )];
+        };
+        let since = match &wants {
+            Wants::Plain => {
+                return vec![protocol::reply(
+                    join_ref,
+                    msg_ref,
+                    &name,
+                    Status::Ok,
+                    &Empty {},
+                )];
+            }
+            Wants::Positions => None,
+            Wants::Since(since) => Some(since.clone()),
+        };
+        let view = delivery.join_view(
+            topic,
+            since.as_ref().and_then(|s| s.as_ref().ok()).map(|p| p.seq),
+        );
+        match (view, since) {
+            (None, since) => {
+                vec![self.positioned_reply(join_ref, msg_ref, &name, None, since.map(|_| false))]
+            }
+            (Some(view), None) => {
+                vec![self.positioned_reply(join_ref, msg_ref, &name, Some(&view), None)]
+            }
+            (Some(view), Some(since)) => {
+                let recovery = match (&view.replay, &since) {
+                    (Some(frames), Ok(position)) if position.epoch == view.epoch => {
+                        let recovery = Recovery::Replayed(frames.clone());
+                        delivery.record(&recovery);
+                        recovery
+                    }
+                    _ => match tokio::time::timeout(
+                        RECOVERY_WAIT,
+                        delivery.recover(topic, since.clone(), view.head),
+                    )
+                    .await
+                    {
+                        Ok(recovery) => recovery,
+                        Err(_) => {
+                            tracing::warn!(%topic, "recovery timed out; answered as not recovered");
+                            Recovery::Refused(crate::delivery::recovery::Reason::Expired)
+                        }
+                    },
+                };
+                self.recovered(join_ref, msg_ref, &name, topic, &view, since, recovery)
+            }
+        }
+    }
+
+    /// The ok reply and replay of a join with `since`.
+    #[allow(clippy::too_many_arguments)]
+    fn recovered(
+        &mut self,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        name: &str,
+        topic: Topic,
+        view: &JoinView,
+        since: Result<Position, PositionError>,
+        recovery: Recovery,
+    ) -> Replies {
+        let Recovery::Replayed(frames) = recovery else {
+            return vec![self.positioned_reply(join_ref, msg_ref, name, Some(view), Some(false))];
+        };
+        // The socket has seen everything up to `since`, and is given everything up to the replay's end.
+        let since_seq = since.map_or(0, |p| p.seq);
+        let upto = frames
+            .last()
+            .map_or(since_seq, |(seq, _)| *seq)
+            .max(since_seq);
+        let position = Position::new(view.epoch.clone(), upto.max(view.head)).encode();
+        let mut replies = Vec::with_capacity(frames.len() + 1);
+        replies.push(protocol::reply(
+            join_ref,
+            msg_ref,
+            name,
+            Status::Ok,
+            &Positioned {
+                position: Some(position),
+                recovered: Some(true),
+            },
+        ));
+        replies.extend(
+            frames
+                .iter()
+                .map(|(seq, frame)| Delivery::positioned(&view.epoch, *seq, frame)),
+        );
+        self.replayed.retain(|(t, _)| *t != topic);
+        self.replayed.push((topic, upto.max(view.head)));
+        replies
+    }
+
+    fn positioned_reply(
+        &self,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        name: &str,
+        view: Option<&JoinView>,
+        recovered: Option<bool>,
+    ) -> Frame {
+        let position = view.map(|view| Position::new(view.epoch.clone(), view.head).encode());
+        protocol::reply(
+            join_ref,
+            msg_ref,
+            name,
+            Status::Ok,
+            &Positioned {
+                position,
+                recovered,
+            },
+        )
+    }
+
+    /// Leaves `name` after a join that could not be completed.
+    fn leave_topic(&mut self, name: &str) {
+        if let Some(i) = self.joined.iter().position(|j| j.name == name) {
+            let joined = self.joined.swap_remove(i);
+            self.unsubscribe(joined.topic);
         }
     }
 
@@ -102,7 +349,7 @@ impl Channels {
                     protocol::reply(join_ref.as_deref(), msg_ref, &topic, Status::Ok, &Empty {});
                 vec![close, reply]
             }
-            (EVENT_JOIN, None) => vec![self.join(join_ref, msg_ref, topic)],
+            (EVENT_JOIN, None) => self.join(join_ref, msg_ref, topic, &payload),
             (EVENT_LEAVE, Some(i)) => {
                 let joined = self.joined.swap_remove(i);
                 self.unsubscribe(joined.topic);
@@ -143,14 +390,47 @@ impl Channels {
         )
     }
 
-    fn join(&mut self, join_ref: Option<String>, msg_ref: Option<&str>, name: String) -> Frame {
+    /// What the join payload asks for; an error reason for a payload it cannot take.
+    fn wants(&self, payload: &Value) -> Result<Wants, &'static str> {
+        if self.delivery.is_none() {
+            // Without the event stream there are no positions: the join is today's.
+            return Ok(Wants::Plain);
+        }
+        let positions = match payload.get(PARAM_POSITIONS) {
+            None | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(_) => return Err(REASON_INVALID_POSITIONS),
+        };
+        Ok(match payload.get(PARAM_SINCE) {
+            Some(Value::String(since)) => Wants::Since(Position::parse(since)),
+            // A `since` that is not a string is no position: the join goes on, not recovered.
+            Some(_) => Wants::Since(Err(PositionError::NotAString)),
+            None if positions => Wants::Positions,
+            None => Wants::Plain,
+        })
+    }
+
+    fn join(
+        &mut self,
+        join_ref: Option<String>,
+        msg_ref: Option<&str>,
+        name: String,
+        payload: &Value,
+    ) -> Replies {
         let _span = tracing::info_span!("channel.join", topic = %name).entered();
         if self.joined.len() >= self.max_topics {
-            return error(join_ref.as_deref(), msg_ref, &name, REASON_TOO_MANY_TOPICS);
+            return vec![error(
+                join_ref.as_deref(),
+                msg_ref,
+                &name,
+                REASON_TOO_MANY_TOPICS,
+            )];
         }
         let user = self.principal.as_ref().map(|p| p.user_id);
         let topic = match (Route::of(&name), user) {
-            (Route::Unmatched, _) => return error(None, msg_ref, &name, REASON_UNMATCHED_TOPIC),
+            (Route::Unmatched, _) => {
+                return vec![error(None, msg_ref, &name, REASON_UNMATCHED_TOPIC)];
+            }
             (Route::Public, _) => Topic::Public,
             (Route::Role, Some(_)) => Topic::Role,
             (Route::User(suffix), Some(user)) if UserId::parse(suffix) == Some(user) => {
@@ -160,22 +440,48 @@ impl Channels {
             (Route::Role | Route::User(_), _) => {
                 self.metrics.join_refused();
                 let reason = format!("unauthorized, cannot join '{name}' channel");
-                return error(join_ref.as_deref(), msg_ref, &name, &reason);
+                return vec![error(join_ref.as_deref(), msg_ref, &name, &reason)];
             }
         };
+        let wants = match self.wants(payload) {
+            Ok(wants) => wants,
+            Err(reason) => return vec![error(join_ref.as_deref(), msg_ref, &name, reason)],
+        };
         // Subscribe before replying: a message published after the client sees "ok" is delivered.
-        self.hub.subscribe(topic, self.conn, self.outbound.clone());
+        let positions = wants != Wants::Plain;
+        self.hub
+            .subscribe_with(topic, self.conn, self.outbound.clone(), positions);
         if let (Topic::Public, Some(user)) = (topic, user) {
             self.presence.join(user);
         }
         self.metrics.joined(topic.kind());
-        let reply = protocol::reply(join_ref.as_deref(), msg_ref, &name, Status::Ok, &Empty {});
         self.joined.push(Joined {
-            name,
+            name: name.clone(),
             topic,
-            join_ref,
+            join_ref: join_ref.clone(),
         });
-        reply
+        let upstream = match topic {
+            Topic::User(user) => self.hub.wait_upstream(user),
+            Topic::Public | Topic::Role => None,
+        };
+        if upstream.is_none() && wants == Wants::Plain {
+            return vec![protocol::reply(
+                join_ref.as_deref(),
+                msg_ref,
+                &name,
+                Status::Ok,
+                &Empty {},
+            )];
+        }
+        self.pending = Some(PendingJoin {
+            topic,
+            name,
+            join_ref,
+            msg_ref: msg_ref.map(str::to_owned),
+            wants,
+            upstream,
+        });
+        Vec::new()
     }
 
     fn is_online(

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::config::AllowedOrigins;
+use crate::delivery::live::Delivery;
 use crate::hub::{Hub, Kick};
 use crate::limits::{Limits, TokenBucket};
 use crate::metrics::{Metrics, Refusal};
@@ -49,6 +50,8 @@ pub struct Endpoint {
     pub presence: Arc<Presence>,
     pub revocations: Arc<Revocations>,
     pub metrics: Arc<Metrics>,
+    /// The event stream, when delivery is on.
+    pub delivery: Option<Arc<Delivery>>,
     pub limits: Limits,
     pub origins: AllowedOrigins,
     /// One permit per open socket, held by its session.
@@ -72,6 +75,7 @@ pub struct Services {
     pub presence: Arc<Presence>,
     pub revocations: Arc<Revocations>,
     pub metrics: Arc<Metrics>,
+    pub delivery: Option<Arc<Delivery>>,
 }
 
 impl Endpoint {
@@ -90,6 +94,7 @@ impl Endpoint {
             presence,
             revocations,
             metrics,
+            delivery,
         } = services;
         Self {
             auth,
@@ -97,6 +102,7 @@ impl Endpoint {
             presence,
             revocations,
             metrics,
+            delivery,
             limits,
             origins,
             connections: Arc::new(Semaphore::new(max_connections)),

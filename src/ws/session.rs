@@ -147,7 +147,8 @@ async fn serve(socket: WebSocket, state: &Endpoint, principal: Option<Principal>
         Arc::clone(&state.hub),
         Arc::clone(&state.presence),
         Arc::clone(&state.metrics),
-    );
+    )
+    .with_delivery(state.delivery.clone());
     let mut session = Session {
         socket,
         queue,
@@ -246,6 +247,10 @@ impl Session<'_> {
             let Some(queued) = self.pending.take() else {
                 break;
             };
+            if self.channels.replayed(&queued) {
+                // Already written as part of a recovery replay.
+                continue;
+            }
             first_received.get_or_insert(queued.received());
             self.socket
                 .start_send_unpin(Message::Text(queued.frame()))?;
@@ -314,6 +319,11 @@ impl Session<'_> {
         let started = std::time::Instant::now();
         let is_online = frame.event == EVENT_IS_ONLINE;
         let replies = self.channels.handle(frame);
+        // A join waiting for the event stream is answered here, before the next frame is read.
+        let replies = match self.channels.take_pending() {
+            Some(pending) => self.channels.complete(pending).await,
+            None => replies,
+        };
         let count = replies.len() as u64;
         self.reply(replies).await?;
         if is_online {
