@@ -350,7 +350,14 @@ pub async fn follow(
     }
     loop {
         tokio::select! {
+            // A reconnect first: copies that arrive after it are judged against the caught-up heads.
+            biased;
             () = stop.cancelled() => break,
+            changed = reconnects.changed() => {
+                if changed.is_err() { break }
+                tracing::info!("NATS reconnected: catching up on the event stream");
+                follower.catch_up(&mut router).await;
+            }
             change = interest.recv() => {
                 let Some(change) = change else { break };
                 let mut changes = vec![change];
@@ -361,11 +368,6 @@ pub async fn follow(
             }
             Some(message) = follower.subscriptions.next() => {
                 follower.on_live(message, &mut router).await;
-            }
-            changed = reconnects.changed() => {
-                if changed.is_err() { break }
-                tracing::info!("NATS reconnected: catching up on the event stream");
-                follower.catch_up(&mut router).await;
             }
             Some(_) = async { match elections.as_mut() { Some(e) => e.next().await, None => None } } => {
                 tracing::info!("event stream elected a leader: catching up");
@@ -568,10 +570,35 @@ impl Follower {
         }
     }
 
-    /// Brings every followed topic up to the stream's head: after a reconnect, or a new stream leader.
+    /// Brings every followed topic up to the stream's head: after a reconnect, or a new stream leader. A
+    /// server that came back with an empty store has lost the stream: it is created again, and every
+    /// followed topic starts over from the new stream's first event.
     async fn catch_up(&mut self, router: &mut Router) {
         let js = self.nats.jetstream();
         let name = self.delivery.options.spec.name.clone();
+        match self.reopen().await {
+            Some(epoch) if epoch != self.epoch => {
+                tracing::warn!(stream = %name, old = %self.epoch, new = %epoch, "the event stream was recreated: positions of the old one are void");
+                self.epoch = epoch.clone();
+                *self
+                    .delivery
+                    .epoch
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(epoch);
+                self.seen_max = 0;
+                let mut topics = self.delivery.topics();
+                for tracker in topics.trackers.values_mut() {
+                    *tracker = Tracker::lower_bound(0);
+                }
+                topics.public.reset(0);
+                topics.role.reset(0);
+            }
+            Some(_) => {}
+            None => {
+                tracing::warn!(stream = %name, "cannot catch up: the event stream is unavailable");
+                return;
+            }
+        }
         let target = match reader::stream_state(&js, &name).await {
             Ok(state) => state.last_seq,
             Err(error) => {
@@ -636,6 +663,28 @@ impl Follower {
             elapsed_ms = started.elapsed().as_millis(),
             "caught up on the event stream"
         );
+    }
+
+    /// Opens (or creates again) the stream, retrying through a leader election; its epoch.
+    async fn reopen(&mut self) -> Option<Epoch> {
+        let js = self.nats.jetstream();
+        let spec = &self.delivery.options.spec;
+        let deadline = tokio::time::Instant::now() + READ_DEADLINE;
+        let mut delay = retry::FIRST_DELAY;
+        loop {
+            match stream::ensure(&js, spec).await {
+                Ok(ensured) => return Some(ensured.epoch),
+                Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                    tracing::debug!(%error, "event stream not available yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(retry::MAX_DELAY);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "event stream unavailable");
+                    return None;
+                }
+            }
+        }
     }
 
     fn deliver_stored(&self, topic: Topic, event: &StoredMessage, router: &mut Router) {

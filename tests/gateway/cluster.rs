@@ -87,6 +87,7 @@ async fn three_gateways(cluster: &Cluster, ttl: &str) -> Vec<Gateway> {
     for url in &cluster.urls {
         let options = GatewayOptions::cluster(&prefix, &bucket)
             .env("EPOCH_GATEWAY__PRESENCE__REPLICAS", "3")
+            .env("EPOCH_GATEWAY__DELIVERY__REPLICAS", "3")
             .env("EPOCH_GATEWAY__PRESENCE__TTL_SECS", ttl);
         gateways.push(Gateway::start_with(url, options).await);
     }
@@ -291,8 +292,11 @@ async fn presence_is_rebuilt_after_nats_restarts_with_an_empty_store() {
 async fn scale_out_an_event_published_on_any_node_reaches_clients_on_every_gateway() {
     let cluster = Cluster::start();
     let (prefix, bucket) = (unique("x"), unique("presence_"));
-    let options =
-        || GatewayOptions::cluster(&prefix, &bucket).env("EPOCH_GATEWAY__PRESENCE__REPLICAS", "3");
+    let options = || {
+        GatewayOptions::cluster(&prefix, &bucket)
+            .env("EPOCH_GATEWAY__PRESENCE__REPLICAS", "3")
+            .env("EPOCH_GATEWAY__DELIVERY__REPLICAS", "3")
+    };
     let a = Gateway::start_with(&cluster.urls[0], options()).await;
     let b = Gateway::start_with(&cluster.urls[1], options()).await;
     let mut on_a = online_tab(&a, 100).await;

@@ -245,6 +245,11 @@ impl Gateway {
             .env("EPOCH_GATEWAY__NATS__SUBJECT_PREFIX", &prefix)
             .env("EPOCH_GATEWAY__AUTH__SECRET", SECRET)
             .env("EPOCH_GATEWAY__PRESENCE__BUCKET", &bucket)
+            // Gateways that share a prefix share its event stream; other tests' streams are their own.
+            .env(
+                "EPOCH_GATEWAY__DELIVERY__STREAM",
+                format!("events_{prefix}"),
+            )
             .env("EPOCH_GATEWAY__NODE__ID", &node)
             .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
