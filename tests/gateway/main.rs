@@ -18,4 +18,5 @@ mod phoenix_js;
 mod presence;
 mod sessions;
 mod slow;
+mod stream;
 mod telemetry;
