@@ -15,6 +15,7 @@ mod limits;
 mod outage;
 mod phoenix_js;
 mod presence;
+mod publish;
 mod sessions;
 mod slow;
 mod telemetry;
