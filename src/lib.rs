@@ -7,7 +7,10 @@
 //! # Data flow
 //!
 //! ```text
-//! NATS <prefix>.user.* ─► broker (check + encode once) ─► hub (topic → sockets) ─► bounded queue ─► session ─► socket
+//! publisher ─► <prefix>.user.* ─► event stream ─(republish per topic)─► delivery::live (order, gaps, catch-up)
+//!                                                                               │
+//!                        broker::ingress (check + encode once) ◄────────────────┘
+//!                                 ─► hub (topic → sockets) ─► bounded queue ─► session ─► socket
 //! socket ─► session ─► protocol::decode ─► ws::channel (join / leave / is_online) ─► reply ─► socket
 //!                                              │
 //!                                              └─► presence (local counts) ─► presence::store ─► KV bucket ─► watch ─► presence
@@ -26,6 +29,8 @@
 //! - [`presence`]: who is online; [`presence::store`] keeps the KV records and the watch,
 //!   [`presence::task`] runs them.
 //! - [`revocation`]: revoked token ids in a KV bucket, followed by a watch; `logout` writes them.
+//! - [`delivery`]: the event stream (nothing lost, positions, recovery): its settings and epoch, the
+//!   ingress that follows it ([`delivery::live`]), the reads back, the hot windows.
 //! - [`ws`]: the WebSocket endpoint and the state its sessions share, the per-socket session, the channel
 //!   logic.
 //! - [`http`]: the router (`/socket/websocket`, `/healthz`, `/readyz`, `/metrics`).
@@ -35,7 +40,7 @@
 //!
 //! # Who may import whom
 //! Each line may use the lines above it and nothing below, so no module imports a module that imports
-//! it. Only `broker`, `presence`, `revocation` and `publish` name `async_nats`.
+//! it. Only `broker`, `presence`, `revocation`, `delivery` and `publish` name `async_nats`.
 //!
 //! ```text
 //! protocol, topic, limits            leaves: std and libraries only
@@ -45,10 +50,12 @@
 //! metrics                            auth (failure labels), protocol (close codes), topic (topic kinds)
 //! broker                             hub, metrics, protocol, topic
 //! presence, revocation               auth, broker, metrics, topic
-//! ws                                 auth, config, hub, limits, metrics, presence, protocol, revocation, topic
-//! http                               broker, metrics, ws
+//! delivery                           broker, hub, metrics, protocol, topic
+//! ws                                 auth, config, delivery, hub, limits, metrics, presence, protocol,
+//!                                    revocation, topic
+//! http                               broker, delivery, metrics, ws
 //! app                                everything above; imported by nobody but `main`
-//! publish                            topic; imported by nobody but `main`
+//! publish                            broker (ingress limits), protocol, topic; imported by nobody but `main`
 //! ```
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order, so that whatever is

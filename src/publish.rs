@@ -18,13 +18,10 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
+use crate::broker::ingress::MAX_EVENT_BYTES;
+use crate::protocol::RESERVED_EVENT_PREFIX;
 use crate::topic::Topic;
 
-/// Longest event name ingress forwards (`broker::ingress::MAX_EVENT_BYTES`).
-pub const MAX_EVENT_BYTES: usize = 128;
-/// Event names with this prefix belong to the Phoenix protocol; ingress refuses them
-/// (`protocol::RESERVED_EVENT_PREFIX`).
-pub const RESERVED_EVENT_PREFIX: &str = "phx_";
 /// How long one attempt waits for the stream's ack before the event is sent again.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause after the first failed attempt; it doubles after each further failure, up to [`MAX_RETRY_DELAY`].
@@ -355,15 +352,6 @@ mod tests {
     use crate::topic::UserId;
 
     const MAX: usize = 65_536;
-
-    #[test]
-    fn the_limits_are_those_of_ingress() {
-        assert_eq!(MAX_EVENT_BYTES, crate::broker::ingress::MAX_EVENT_BYTES);
-        assert_eq!(
-            RESERVED_EVENT_PREFIX,
-            crate::protocol::RESERVED_EVENT_PREFIX
-        );
-    }
 
     #[test]
     fn an_envelope_keeps_the_payload_text_and_passes_ingress() {
