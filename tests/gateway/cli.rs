@@ -1,4 +1,4 @@
-//! The command line: `token`, `check-config`, `--help`, and configuration errors.
+//! The command line: `token`, `check-config`, `publish` in `--help`, and configuration errors.
 
 use std::process::Command;
 
@@ -22,7 +22,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 fn help_lists_the_subcommands() {
     let (code, out, _) = run(&["--help"], &[]);
     assert_eq!(code, 0);
-    for word in ["serve", "token", "check-config", "--config"] {
+    for word in ["serve", "token", "check-config", "publish", "--config"] {
         assert!(out.contains(word), "{word} in {out}");
     }
 }
