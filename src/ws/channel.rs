@@ -345,8 +345,36 @@ impl Channels {
                 let joined = &mut self.joined[i];
                 let close = protocol::close(joined.join_ref.as_deref(), &topic);
                 joined.join_ref.clone_from(&join_ref);
-                let reply =
-                    protocol::reply(join_ref.as_deref(), msg_ref, &topic, Status::Ok, &Empty {});
+                let subscribed = joined.topic;
+                let reply = match self.wants(&payload) {
+                    Err(reason) => error(join_ref.as_deref(), msg_ref, &topic, reason),
+                    Ok(Wants::Plain) => {
+                        protocol::reply(join_ref.as_deref(), msg_ref, &topic, Status::Ok, &Empty {})
+                    }
+                    // The socket stayed subscribed, so it missed nothing: a `since` is recovered as is.
+                    Ok(wants) => {
+                        self.hub
+                            .subscribe_with(subscribed, self.conn, self.outbound.clone(), true);
+                        let view = self
+                            .delivery
+                            .as_ref()
+                            .and_then(|delivery| delivery.join_view(subscribed, None));
+                        let recovered = match (&wants, &view) {
+                            (Wants::Since(Ok(since)), Some(view)) => {
+                                Some(since.epoch == view.epoch)
+                            }
+                            (Wants::Since(_), _) => Some(false),
+                            _ => None,
+                        };
+                        self.positioned_reply(
+                            join_ref.as_deref(),
+                            msg_ref,
+                            &topic,
+                            view.as_ref(),
+                            recovered,
+                        )
+                    }
+                };
                 vec![close, reply]
             }
             (EVENT_JOIN, None) => self.join(join_ref, msg_ref, topic, &payload),
