@@ -302,11 +302,6 @@ pub async fn follow(
     )
     .await;
     let Ok(ensured) = opened else { return };
-    tracing::info!(stream = %spec.name, epoch = %ensured.epoch, outcome = ?ensured.outcome, "event stream open");
-    *delivery
-        .epoch
-        .write()
-        .unwrap_or_else(PoisonError::into_inner) = Some(ensured.epoch.clone());
 
     let mut follower = Follower {
         delivery: Arc::clone(&delivery),
@@ -348,6 +343,12 @@ pub async fn follow(
             }
         }
     }
+    // A known epoch means ready: only now does every followed topic have its tracker.
+    *delivery
+        .epoch
+        .write()
+        .unwrap_or_else(PoisonError::into_inner) = Some(follower.epoch.clone());
+    tracing::info!(stream = %spec.name, epoch = %follower.epoch, outcome = ?ensured.outcome, "event stream open");
     loop {
         tokio::select! {
             // A reconnect first: copies that arrive after it are judged against the caught-up heads.
