@@ -1,7 +1,10 @@
 //! What the benchmark programs of epoch-gateway share. The programs (`src/bin/`):
 //!
 //! - `epoch-load`: the load tool, the gateway against nats-server's own WebSocket listener in the same run
-//!   (docs/benchmarks.md, `scripts/bench.sh`).
+//!   (docs/benchmarks.md, `scripts/bench.sh`);
+//! - `presence_bench`: what cluster-wide presence costs and how fast it answers (docs/presence-benchmark.md,
+//!   `scripts/bench-presence.sh`);
+//! - `tracing_overhead`: broadcast fan-out with trace export off and sampled out (docs/tracing-overhead.md).
 //!
 //! Each starts its own nats-server and gateways through `epoch-testkit`, and finds the release gateway next
 //! to its own executable (`target/release/epoch-gateway`, built by `cargo build --release`).
