@@ -12,7 +12,7 @@ test:
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --all-targets --locked -- -D warnings
+	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # Property tests of the frame decoder and the NATS envelope parser with many cases (bounded time in CI).
 fuzz:

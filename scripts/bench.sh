@@ -6,10 +6,10 @@
 #                              reports in target/bench/*.json, plot in docs/benchmarks-latency.png
 #   scripts/bench.sh --smoke   200 sockets, a few seconds per scenario, no plot (CI: keeps the tool alive)
 #
-# Builds the gateway and the load tool (src/bin/epoch-load.rs) in release mode and installs nats-server if
-# needed; each scenario starts and stops its own nats-server and gateway. Exit status: non-zero when the tool
-# fails (a process does not start, sockets cannot be opened, ...), not when a figure misses its target:
-# the targets are judged in docs/benchmarks.md, against the baseline measured in the same run.
+# Builds the gateway and the load tool (crate epoch-bench, bench/) in release mode and installs nats-server
+# if needed; each scenario starts and stops its own nats-server and gateway. Exit status: non-zero when the
+# tool fails (a process does not start, sockets cannot be opened, ...), not when a figure misses its
+# target: the targets are judged in docs/benchmarks.md, against the baseline measured in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,17 +20,20 @@ case "${1:-}" in
   *) echo "usage: $0 [--smoke]" >&2; exit 2 ;;
 esac
 
-cargo build --release --locked --bin epoch-gateway --bin epoch-load
+# The gateway alone, as it ships (deploy/Dockerfile builds it the same way), then the load tool, which
+# starts the gateway next to its own executable.
+cargo build --release --locked --bin epoch-gateway
+cargo build --release --locked -p epoch-bench --bin epoch-load
 scripts/setup.sh --nats-only
 out=target/bench
 mkdir -p "$out"
-load=target/release/epoch-load
+load=(cargo run --release --locked --quiet -p epoch-bench --bin epoch-load --)
 
 run() {
   local name=$1; shift
   echo
   echo "=== $name: epoch-load $*"
-  "$load" "$@" --json "$out/$name.json"
+  "${load[@]}" "$@" --json "$out/$name.json"
 }
 
 if [ "$smoke" = 1 ]; then

@@ -3,7 +3,7 @@
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 #[tokio::test]
 async fn anonymous_and_valid_tokens_connect_and_bad_tokens_get_403() {
@@ -92,10 +92,9 @@ async fn tokens_never_appear_in_logs() {
         403
     );
     let good = gw.token(6);
-    let client =
-        crate::helpers::PhxClient::connect(&gw.socket_url(&format!("token={good}&vsn=2.0.0")))
-            .await
-            .unwrap();
+    let client = PhxClient::connect(&gw.socket_url(&format!("token={good}&vsn=2.0.0")))
+        .await
+        .unwrap();
     client.close().await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let logs = gw.logs().join("\n");

@@ -3,9 +3,8 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 #[tokio::test]
 async fn heartbeat_is_answered_without_a_join() {

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let output = Command::new(gateway_bin())

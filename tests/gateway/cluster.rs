@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 /// Waits that set a test up rather than check it. On a cluster that has just started, with other tests'
 /// clusters busy on the same cores, a first presence record has been seen to take more than the second

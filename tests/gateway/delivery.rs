@@ -15,7 +15,7 @@ use epoch_gateway::delivery::recovery::{self, Facts, Reason, Recover};
 use epoch_gateway::delivery::stream::{self, Outcome, Stored, StreamSpec};
 use futures::StreamExt;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 /// Deadline of a read in these tests: every read here is answered in milliseconds by a healthy server.

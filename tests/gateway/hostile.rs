@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 #[derive(Debug)]
 enum Outcome {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 #[tokio::test]
 async fn every_event_reaches_each_joined_socket_exactly_once() {

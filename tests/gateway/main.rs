@@ -1,14 +1,11 @@
-//! Integration tests: the real binary against a real nats-server, driven by real WebSocket clients.
-
-// Helpers are `pub` for the test modules of this one binary.
-#![allow(unreachable_pub)]
+//! Integration tests: the real binary against a real nats-server, driven by real WebSocket clients
+//! (the harness is the `epoch-testkit` crate).
 
 mod auth;
 mod channels;
 mod cli;
 mod cluster;
 mod delivery;
-mod helpers;
 mod hostile;
 mod ingress;
 mod lifecycle;
@@ -21,3 +18,13 @@ mod sessions;
 mod slow;
 mod stream;
 mod telemetry;
+
+/// The harness starts the binary cargo built for these tests.
+#[test]
+fn the_harness_runs_the_binary_under_test() {
+    let built = std::path::Path::new(env!("CARGO_BIN_EXE_epoch-gateway"));
+    assert_eq!(
+        epoch_testkit::gateway_bin().canonicalize().unwrap(),
+        built.canonicalize().unwrap()
+    );
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 #[tokio::test]
 async fn clients_survive_a_nats_outage_and_delivery_and_presence_resume() {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 #[tokio::test]
 async fn the_phoenix_js_client_works_unchanged() {

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 /// Keys in the bucket, 0 while it does not exist (yet).
 async fn record_count(nats: &Nats, bucket: &str) -> u64 {

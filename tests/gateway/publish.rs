@@ -1,14 +1,14 @@
 //! Publishing with an ack: `epoch-gateway publish` and the publisher examples (Rust, Node) against a
 //! real nats-server with the event stream created here, as the gateway creates it at start-up.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 /// The stream's name in these tests (the gateway's default).
 const STREAM: &str = "epoch_events";
@@ -394,7 +394,7 @@ async fn no_ack_before_the_timeout_is_a_failure_that_names_the_msg_id() {
 
 /// The compiled `examples/publish.rs`, next to the binary under test (`cargo test` builds examples).
 fn rust_example() -> PathBuf {
-    let path = Path::new(gateway_bin())
+    let path = gateway_bin()
         .parent()
         .expect("the binary is in a directory")
         .join("examples")

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 fn token_with(user: u64, jti: &str, ttl: u64) -> String {
     mint(&json!({"sub": user.to_string(), "jti": jti, "exp": now() + ttl}))

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 const MESSAGES: usize = 10_000;
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 /// Sends a join with `payload` and returns the reply.
 async fn join_with(client: &mut PhxClient, topic: &str, payload: Value) -> Value {

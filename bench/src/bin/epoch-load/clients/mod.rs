@@ -1,0 +1,269 @@
+//! The sockets of the load, opened from this process: from several `127.0.0.x` source addresses (so that
+//! ephemeral ports never run out), with a bounded number of handshakes in flight, each then held by a task
+//! of its own that times what arrives and reports into [`Stats`] until the scenario drops it.
+//!
+//! - [`phoenix`]: the gateway's sockets, Phoenix V2 like phoenix.js.
+//! - [`nats_ws`]: the baseline's sockets, the NATS protocol over nats-server's WebSocket listener.
+
+pub(crate) mod nats_ws;
+pub(crate) mod phoenix;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use epoch_bench::rng::Rng;
+use epoch_gateway::auth::Authenticator;
+use epoch_testkit::Ws;
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::stats::Stats;
+
+/// Source addresses `127.0.0.2 ..`: each has its own ephemeral port range (about 28,000 ports).
+const SOURCE_ADDRESSES: u8 = 8;
+/// Bound on opening one socket (the handshake and the join replies).
+const OPEN_WAIT: Duration = Duration::from_secs(30);
+/// phoenix.js sends a heartbeat every 30 s; the gateway closes a socket silent for 60 s.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+/// Seeds of the sockets' generators: this, mixed with the socket's index.
+const SOCKET_SEED: u64 = 0x9E37_79B9;
+
+/// The server a socket talks to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kind {
+    Gateway,
+    Nats,
+}
+
+impl Kind {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway",
+            Self::Nats => "nats-ws",
+        }
+    }
+}
+
+/// Where sockets connect, and how they authenticate (gateway) or what they subscribe to (nats).
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) kind: Kind,
+    pub(crate) addr: SocketAddr,
+    pub(crate) auth: Arc<Authenticator>,
+    /// The subject prefix the baseline's sockets subscribe under.
+    pub(crate) prefix: &'static str,
+}
+
+/// A TCP connection from source address `127.0.0.(2 + i % SOURCE_ADDRESSES)`.
+async fn tcp_connect(addr: SocketAddr, i: u64) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    let source = Ipv4Addr::new(127, 0, 0, 2 + (i % u64::from(SOURCE_ADDRESSES)) as u8);
+    socket.bind(SocketAddr::from((source, 0)))?;
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn ws_config() -> WebSocketConfig {
+    // The tool holds tens of thousands of sockets: small buffers, writes sent at once.
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+/// Opens socket `i` for user `i + 1`, joined to (or subscribed to) its three topics.
+async fn open_one(endpoint: &Endpoint, i: u64) -> Result<Ws> {
+    let user = i + 1;
+    let stream = tcp_connect(endpoint.addr, i).await?;
+    match endpoint.kind {
+        Kind::Gateway => phoenix::open(stream, endpoint.addr, &endpoint.auth, user).await,
+        Kind::Nats => nats_ws::open(stream, endpoint.addr, endpoint.prefix, user).await,
+    }
+}
+
+/// A held socket's protocol.
+enum Session {
+    Phoenix(phoenix::Session),
+    Nats(nats_ws::Session),
+}
+
+impl Session {
+    fn of(kind: Kind) -> Self {
+        match kind {
+            Kind::Gateway => Self::Phoenix(phoenix::Session::default()),
+            Kind::Nats => Self::Nats(nats_ws::Session::default()),
+        }
+    }
+
+    /// The is-online scenario's frame: an `is_online` query about `user`, or the control frame.
+    fn client_frame(&mut self, control: bool, user: u64) -> Message {
+        match self {
+            Self::Phoenix(_) => phoenix::Session::client_frame(control, user),
+            // nats-server has no is_online: its frames are always the control.
+            Self::Nats(session) => session.ping(),
+        }
+    }
+
+    /// The protocol's own heartbeat, when it has one (phoenix.js's; NATS answers server `PING`s instead).
+    fn heartbeat(&mut self) -> Option<Message> {
+        match self {
+            Self::Phoenix(session) => Some(session.heartbeat()),
+            Self::Nats(_) => None,
+        }
+    }
+
+    /// A message from the server; `Ok(Some(reply))` when it needs one, an error when it breaks the protocol.
+    fn on_message(&mut self, message: Message, stats: &Stats) -> Result<Option<Message>> {
+        match (self, message) {
+            (Self::Phoenix(_), Message::Text(text)) => {
+                phoenix::Session::on_frame(&text, stats);
+                Ok(None)
+            }
+            (Self::Nats(session), Message::Binary(data)) => session.on_data(&data, stats),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Holds an open socket until `stop`: times deliveries and replies, sends heartbeats and, while the
+/// is-online scenario asks for them, a client frame every `query_period_us`; records a close by the server.
+async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: CancellationToken) {
+    let mut session = Session::of(kind);
+    let mut rng = Rng::seeded(SOCKET_SEED ^ i);
+    let mut heartbeat = tokio::time::interval_at(
+        tokio::time::Instant::now() + HEARTBEAT.mul_f64(0.5 + rng.unit() * 0.5),
+        HEARTBEAT,
+    );
+    let heartbeats = kind == Kind::Gateway;
+    let mut period_rx = stats.query_period_us.subscribe();
+    let mut period = 0;
+    let next_frame = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(next_frame);
+    loop {
+        let sent = tokio::select! {
+            () = stop.cancelled() => return,
+            Ok(()) = period_rx.changed() => {
+                period = *period_rx.borrow_and_update();
+                // A random phase, so that the sockets' frames spread over the period.
+                let phase = Duration::from_micros(period).mul_f64(rng.unit());
+                next_frame.as_mut().reset(tokio::time::Instant::now() + phase);
+                continue;
+            }
+            () = &mut next_frame, if period > 0 => {
+                // On schedule from the last deadline, so the sockets together send the offered rate; a socket
+                // that fell behind skips ahead instead of sending a burst.
+                let due = next_frame.deadline() + Duration::from_micros(period);
+                next_frame.as_mut().reset(due.max(tokio::time::Instant::now()));
+                let user = rng.below(stats.query_users.load(Ordering::Relaxed).max(1)) + 1;
+                let control = stats.query_heartbeats.load(Ordering::Relaxed);
+                let frame = session.client_frame(control, user);
+                stats.queries.fetch_add(1, Ordering::Relaxed);
+                ws.send(frame).await
+            }
+            _ = heartbeat.tick(), if heartbeats => match session.heartbeat() {
+                Some(frame) => ws.send(frame).await,
+                None => continue,
+            },
+            message = ws.next() => match message {
+                Some(Ok(Message::Close(close))) => {
+                    stats.closed(close.map_or(0, |c| u16::from(c.code)));
+                    return;
+                }
+                Some(Ok(message)) => match session.on_message(message, &stats) {
+                    Ok(Some(reply)) => ws.send(reply).await,
+                    Ok(None) => continue,
+                    Err(_) => {
+                        stats.closed(0);
+                        return;
+                    }
+                },
+                Some(Err(_)) | None => {
+                    stats.closed(0);
+                    return;
+                }
+            }
+        };
+        if sent.is_err() {
+            stats.closed(0);
+            return;
+        }
+    }
+}
+
+/// Sockets held open, and how opening them went.
+pub(crate) struct Held {
+    tasks: JoinSet<()>,
+    stop: CancellationToken,
+    pub(crate) opened: u64,
+    pub(crate) failed: u64,
+    pub(crate) first_error: Option<String>,
+    pub(crate) secs: f64,
+}
+
+impl Held {
+    pub(crate) fn connect_rate(&self) -> f64 {
+        self.opened as f64 / self.secs
+    }
+
+    /// Drops every socket at once (the tasks end, their streams close).
+    pub(crate) async fn drop_all(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Opens `n` sockets with `concurrency` handshakes in flight; each is then held by its own task.
+pub(crate) async fn open_all(
+    endpoint: &Endpoint,
+    n: u64,
+    concurrency: usize,
+    stats: &Arc<Stats>,
+) -> Held {
+    let started = Instant::now();
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let (mut opened, mut failed, mut first_error) = (0, 0, None);
+    let mut results = futures::stream::iter(0..n)
+        .map(|i| {
+            let endpoint = endpoint.clone();
+            async move {
+                (
+                    i,
+                    tokio::time::timeout(OPEN_WAIT, open_one(&endpoint, i)).await,
+                )
+            }
+        })
+        .buffer_unordered(concurrency.max(1));
+    while let Some((i, result)) = results.next().await {
+        match result {
+            Ok(Ok(ws)) => {
+                opened += 1;
+                tasks.spawn(hold(ws, endpoint.kind, i, stats.clone(), stop.clone()));
+            }
+            Ok(Err(error)) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("{error:#}"));
+            }
+            Err(_) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| "handshake timed out".to_owned());
+            }
+        }
+    }
+    Held {
+        tasks,
+        stop,
+        opened,
+        failed,
+        first_error,
+        secs: started.elapsed().as_secs_f64(),
+    }
+}

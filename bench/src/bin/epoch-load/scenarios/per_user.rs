@@ -1,0 +1,105 @@
+//! `per-user`: at each of `--rates`, `--secs` of messages to uniformly random users; percentiles over all
+//! deliveries. With `--repeats N` the rates run N times (odd rounds in the reverse order) and each rate's
+//! deliveries are pooled, with every window's p99 kept.
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::publish::{RateTotals, in_round_order, per_user_window};
+use super::{Measure, Run, Target};
+use crate::cli::Args;
+use crate::report::{Headlines, TargetReport};
+use crate::stats::{Latency, mean, percentiles};
+
+pub(super) struct PerUser;
+
+#[derive(Serialize)]
+pub(super) struct PerUserFigures {
+    rounds: u32,
+    points: Vec<RatePoint>,
+}
+
+/// One offered rate, pooled over the rounds.
+#[derive(Serialize)]
+struct RatePoint {
+    rate_msgs_per_sec: f64,
+    sent: u64,
+    delivered: u64,
+    lost: u64,
+    latency: Latency,
+    p99_ms_per_window: Vec<f64>,
+    server_cpu_percent: f64,
+    load_tool_cpu_percent: f64,
+}
+
+impl Measure for PerUser {
+    type Figures = PerUserFigures;
+
+    async fn run(args: &Args, target: &Target) -> Result<Run<PerUserFigures>> {
+        let (stats, held, start) = target.start(args).await?;
+        let users = held.opened.max(1);
+        let rounds = args.rounds();
+        let mut per_rate: Vec<RateTotals> =
+            args.rates.iter().map(|_| RateTotals::default()).collect();
+        let mut seq = 0;
+        for round in 0..rounds {
+            for i in in_round_order(round, (0..args.rates.len()).collect()) {
+                let rate = args.rates[i];
+                let w = per_user_window(target, &stats, rate, args.secs, seq, users).await?;
+                seq += w.sent;
+                let lat = percentiles(&w.counts);
+                let label = if rounds > 1 {
+                    format!(" (round {}/{rounds})", round + 1)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "  {rate:>7.0} msg/s{label}: {} of {} delivered, p50 {:.3} ms p99 {:.3} ms p999 {:.3} ms, server cpu {:.0} %, tool cpu {:.0} %",
+                    w.delivered,
+                    w.sent,
+                    lat.p50_ms,
+                    lat.p99_ms,
+                    lat.p999_ms,
+                    w.server_cpu,
+                    w.tool_cpu
+                );
+                per_rate[i].add(&w);
+            }
+        }
+        let points = args
+            .rates
+            .iter()
+            .zip(per_rate)
+            .map(|(&rate, t)| RatePoint {
+                rate_msgs_per_sec: rate,
+                sent: t.sent,
+                delivered: t.delivered,
+                lost: t.sent.saturating_sub(t.delivered),
+                latency: t.latency.latency(),
+                server_cpu_percent: mean(&t.server_cpu),
+                load_tool_cpu_percent: mean(&t.tool_cpu),
+                p99_ms_per_window: t.latency.window_p99_ms,
+            })
+            .collect();
+        let figures = PerUserFigures { rounds, points };
+        target.finish(held, figures, &stats, start).await
+    }
+
+    fn headlines(args: &Args, rows: &mut Headlines<'_, PerUserFigures>) {
+        for (i, rate) in args.rates.iter().enumerate() {
+            let point = move |r: &TargetReport<PerUserFigures>| r.figures.points[i].latency;
+            rows.info(format!("per-user {rate} msg/s: p50 (ms)"), move |r| {
+                point(r).p50_ms
+            });
+            rows.judged(
+                format!("per-user {rate} msg/s: p99 (ms)"),
+                move |r| point(r).p99_ms,
+                "≤ 1.5 ms and ≤ 2× baseline",
+                |g, ratio| g <= 1.5 && ratio.is_none_or(|r| r <= 2.0),
+            );
+            rows.info(format!("per-user {rate} msg/s: p999 (ms)"), move |r| {
+                point(r).p999_ms
+            });
+        }
+    }
+}

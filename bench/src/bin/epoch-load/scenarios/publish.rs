@@ -1,0 +1,142 @@
+//! The publisher (async-nats, open loop at the offered rate, the same for both servers), the wait for a
+//! backlog to drain, and the window of per-user messages that the per-user, is-online and soak scenarios
+//! are made of.
+
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use epoch_bench::rng::Rng;
+
+use super::{PREFIX, Target};
+use crate::stats::{Pooled, Stats, counts_between, cpu_percent, sample, sample_self, stamped_body};
+
+/// A step is over when no delivery arrived for this long (polled every `DRAIN_POLL`).
+const DRAIN_QUIET: Duration = Duration::from_millis(500);
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// Bound on the drain after a per-user window.
+pub(super) const WINDOW_DRAIN_CAP: Duration = Duration::from_secs(10);
+/// Seed of the per-user windows' choice of users: every window sends to the same sequence of users.
+const USERS_SEED: u64 = 0x2545_F491_4F6C_DD1D;
+
+/// Publishes at `rate` messages per second for `secs` (open loop: the schedule does not wait for the
+/// servers), numbering messages from `first_seq`. `subject(k)` names the subject of message `k`.
+pub(super) async fn publish(
+    client: &async_nats::Client,
+    rate: f64,
+    secs: f64,
+    first_seq: u64,
+    subject: impl Fn(u64) -> String,
+) -> Result<u64> {
+    let total = (rate * secs).round() as u64;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while sent < total {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
+        while sent < due {
+            let seq = first_seq + sent;
+            client
+                .publish(subject(seq), stamped_body(seq).into())
+                .await?;
+            sent += 1;
+        }
+    }
+    client.flush().await?;
+    Ok(sent)
+}
+
+/// The subject of every broadcast.
+pub(super) fn public_subject() -> String {
+    format!("{PREFIX}.user.public")
+}
+
+/// Waits until no delivery arrives for `DRAIN_QUIET` (at most `cap`): the backlog of a step has drained.
+/// Returns when the last delivery was seen (to within one poll).
+pub(super) async fn drain(stats: &Stats, cap: Duration) -> Instant {
+    let deadline = Instant::now() + cap;
+    let mut last = stats.delivered.load(Ordering::Relaxed);
+    let mut last_seen = Instant::now();
+    while Instant::now() < deadline && last_seen.elapsed() < DRAIN_QUIET {
+        tokio::time::sleep(DRAIN_POLL).await;
+        let now = stats.delivered.load(Ordering::Relaxed);
+        if now != last {
+            (last, last_seen) = (now, Instant::now());
+        }
+    }
+    last_seen
+}
+
+/// One window of per-user messages: what was sent and delivered, the deliveries' latency counts, and the CPU
+/// of the server and of this tool while publishing.
+pub(super) struct Window {
+    pub(super) sent: u64,
+    pub(super) delivered: u64,
+    pub(super) counts: Vec<u64>,
+    pub(super) server_cpu: f64,
+    pub(super) tool_cpu: f64,
+}
+
+/// Per-user messages at `rate` for `secs`, to uniformly random users `1..=users`, then until the
+/// deliveries drain.
+pub(super) async fn per_user_window(
+    target: &Target,
+    stats: &Stats,
+    rate: f64,
+    secs: f64,
+    seq: u64,
+    users: u64,
+) -> Result<Window> {
+    let hist = stats.latency.snapshot();
+    let count = stats.delivered.load(Ordering::Relaxed);
+    let from = sample(target.pid)?;
+    let tool_from = sample_self()?;
+    let rng = Mutex::new(Rng::seeded(USERS_SEED));
+    let sent = publish(&target.client, rate, secs, seq, |_| {
+        let user = rng.lock().expect("no panics under this lock").below(users) + 1;
+        format!("{PREFIX}.user.{user}")
+    })
+    .await?;
+    let server_cpu = cpu_percent(from, sample(target.pid)?);
+    let tool_cpu = cpu_percent(tool_from, sample_self()?);
+    drain(stats, WINDOW_DRAIN_CAP).await;
+    Ok(Window {
+        sent,
+        delivered: stats.delivered.load(Ordering::Relaxed) - count,
+        counts: counts_between(&hist, &stats.latency.snapshot()),
+        server_cpu,
+        tool_cpu,
+    })
+}
+
+/// One per-user rate's windows over the rounds.
+#[derive(Default)]
+pub(super) struct RateTotals {
+    pub(super) latency: Pooled,
+    pub(super) sent: u64,
+    pub(super) delivered: u64,
+    pub(super) server_cpu: Vec<f64>,
+    pub(super) tool_cpu: Vec<f64>,
+}
+
+impl RateTotals {
+    pub(super) fn add(&mut self, window: &Window) {
+        self.latency.add(&window.counts);
+        self.sent += window.sent;
+        self.delivered += window.delivered;
+        self.server_cpu.push(window.server_cpu);
+        self.tool_cpu.push(window.tool_cpu);
+    }
+}
+
+/// Odd rounds run their windows in the reverse order, so that a drift over the run weighs on every
+/// window alike.
+pub(super) fn in_round_order<T>(round: u32, mut windows: Vec<T>) -> Vec<T> {
+    if round % 2 == 1 {
+        windows.reverse();
+    }
+    windows
+}
