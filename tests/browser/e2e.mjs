@@ -5,7 +5,9 @@
 // examples/browser from a small HTTP server, opens the page with a minted token in Chromium (playwright-core,
 // the system's /usr/bin/chromium), publishes events on NATS and checks that the page shows them, asks
 // is_online through the page's control, and checks that the same page served from another origin never
-// connects (the upgrade is refused with 403). Saves target/browser-e2e.png (and -refused.png).
+// connects (the upgrade is refused with 403), and that a page whose socket drops and comes back while events
+// are published recovers them: the rejoin sends `since`, the join says `recovered: true`, and every event is
+// shown once, in order. Saves target/browser-e2e.png (and -refused.png).
 //
 // Prerequisites (scripts/browser-test.sh does all of them): `npm ci && npm run build` in examples/browser,
 // `cargo build`, `scripts/setup.sh --nats-only`, Chromium installed.
@@ -230,17 +232,25 @@ const hardTimer = setTimeout(async () => {
 
 // ---------------------------------------------------------------------------------------------------------
 
-// Reads the page's state: data-state of #state, the channels' statuses, the event log.
+// Reads the page's state: data-state of #state, the channels' statuses, positions and `recovered`, the event
+// log (oldest first).
 const pageState = (page) =>
   page.evaluate(() => ({
     state: document.getElementById("state").dataset.state,
     channels: Object.fromEntries(
       [...document.querySelectorAll("#channels li")].map((li) => [li.dataset.topic, li.dataset.status]),
     ),
-    events: [...document.querySelectorAll("#log li.event")].map((li) => ({
+    recovery: Object.fromEntries(
+      [...document.querySelectorAll("#channels li")].map((li) => [
+        li.dataset.topic,
+        { position: li.dataset.position, recovered: li.dataset.recovered },
+      ]),
+    ),
+    events: [...document.querySelectorAll("#log li.event")].reverse().map((li) => ({
       topic: li.dataset.topic,
       event: li.dataset.event,
       payload: li.querySelector("code").textContent,
+      position: li.dataset.position,
     })),
   }));
 
@@ -358,6 +368,82 @@ async function main() {
     `is_online for user ${USER_ID} shows online: true`,
     online.online === "true" && online.text.includes(`{"id":${USER_ID},"online":true}`),
     JSON.stringify(online),
+  );
+
+  // --- Positions, and recovery after a dropped socket -----------------------------------------------------
+  const userTopic = `user:${USER_ID}`;
+  const userSubject = `${PREFIX}.user.${USER_ID}`;
+  const before = await pageState(page);
+  check(
+    "broadcasts carry positions that are not decimal numbers",
+    before.events.length > 0 && before.events.every((e) => e.position && !/^\d+$/.test(e.position)),
+    JSON.stringify(before.events),
+  );
+  check(
+    "every channel shows a position after its join",
+    topics.every((t) => before.recovery[t]?.position),
+    JSON.stringify(before.recovery),
+  );
+  const message = (n) => ({ n, run: RUN });
+  const messages = (state) =>
+    state.events.filter((e) => e.topic === userTopic && e.event === "newMessage").map((e) => JSON.parse(e.payload).n);
+  const total = 30;
+  let n = 0;
+  const publishUpTo = async (last, pauseMs = 0) => {
+    while (n < last) {
+      n++;
+      await publish(userSubject, "newMessage", message(n));
+      if (pauseMs) await sleep(pauseMs);
+    }
+  };
+  await publishUpTo(5);
+  const live = await until(async () => messages(await pageState(page)).length === 5);
+  check("5 events arrive live before the drop", live, JSON.stringify(messages(await pageState(page))));
+  await page.evaluate(() => window.epochExample.drop());
+  const closed = await until(async () => (await pageState(page)).state === "closed");
+  check("the page's socket is dropped (state: closed)", closed, JSON.stringify(await pageState(page)));
+  await publishUpTo(15); // while no socket of user 42 is connected anywhere
+  await publish(`${PREFIX}.user.public`, "announcement", { message: "while you were away", id: RUN });
+  await page.evaluate(() => window.epochExample.reconnect());
+  await publishUpTo(25, 20); // while the socket reconnects and the channels rejoin with `since`
+  const rejoined = await page
+    .waitForFunction(
+      (t) => {
+        const li = document.querySelector(`#channels li[data-topic="${t}"]`);
+        return li?.dataset.status === "joined" && li.dataset.recovered !== "";
+      },
+      userTopic,
+      { timeout: WAIT_MS },
+    )
+    .then(() => true, () => false);
+  await publishUpTo(total); // after the rejoin
+  await until(async () => messages(await pageState(page)).length >= total);
+  await sleep(300); // quiet period: a duplicate would show up here
+  const after = await pageState(page);
+  check(
+    `${userTopic} rejoins with since and shows recovered: true`,
+    rejoined && after.recovery[userTopic]?.recovered === "true",
+    JSON.stringify(after.recovery),
+  );
+  check(
+    "user:public and user:role rejoin with since and show recovered: true",
+    ["user:public", "user:role"].every((t) => after.recovery[t]?.recovered === "true"),
+    JSON.stringify(after.recovery),
+  );
+  const seen = messages(after);
+  const expected = Array.from({ length: total }, (_, i) => i + 1);
+  check(
+    `every event published before, during and after the drop is shown once, in order (${total} on ${userTopic})`,
+    JSON.stringify(seen) === JSON.stringify(expected),
+    JSON.stringify(seen),
+  );
+  const away = after.events.filter((e) => e.topic === "user:public" && e.payload.includes("while you were away"));
+  check("the announcement published during the drop is shown once", away.length === 1, JSON.stringify(away));
+  const ownPositions = after.events.filter((e) => e.topic === userTopic).map((e) => e.position);
+  check(
+    `${userTopic} positions are all different`,
+    new Set(ownPositions).size === ownPositions.length,
+    JSON.stringify(ownPositions),
   );
   check("no uncaught errors in the page", pageErrors.length === 0, pageErrors.join("; "));
 

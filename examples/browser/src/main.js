@@ -5,7 +5,12 @@
 //   &token=<JWT>                         optional; without it the socket is anonymous
 //   &user=42                             the token's user id (joins user:<id>)
 // then connects, joins user:public (and user:role and user:<user> when a token is given), and shows the
-// connection state, every event that arrives with its payload, and an "is user N online?" control.
+// connection state, every event that arrives with its payload and position, and an "is user N online?" control.
+//
+// Positions and recovery: every join asks for positions. Each channel remembers the last position it saw (a
+// broadcast's ref, or the join reply's `position`), and its join params are a function, which phoenix.js
+// calls again on every rejoin: after a dropped socket the rejoin sends `since` and the gateway replays what
+// was missed (`recovered: true`), or says it cannot (`recovered: false`: a real client refetches its state).
 //
 // A real application gets its token from its login API; it is in the URL here only to keep the example
 // small. Everything received is shown with textContent, never as HTML.
@@ -21,6 +26,8 @@ const $ = (id) => document.getElementById(id);
 const stateEl = $("state");
 const logEl = $("log");
 const channelsEl = $("channels");
+// Per topic: the last position seen, and `recovered` of the last join (undefined for a join without `since`).
+const positions = {};
 
 // Connection state: shown on the page, kept in data-state for tests, and echoed to the console.
 function setState(state, detail) {
@@ -30,11 +37,12 @@ function setState(state, detail) {
 }
 
 // One line of the event log. kind: "event" (a broadcast from the gateway) or "info" (what this page did).
-function log(kind, topic, event, payload) {
+function log(kind, topic, event, payload, position) {
   const li = document.createElement("li");
   li.className = kind;
   li.dataset.topic = topic;
   li.dataset.event = event;
+  if (position) li.dataset.position = position;
   const time = document.createElement("time");
   time.textContent = new Date().toLocaleTimeString();
   const name = document.createElement("strong");
@@ -42,9 +50,18 @@ function log(kind, topic, event, payload) {
   const body = document.createElement("code");
   body.textContent = payload === undefined ? "" : JSON.stringify(payload);
   li.append(time, " ", name, " ", body);
+  if (position) {
+    const at = document.createElement("small");
+    at.className = "position";
+    at.textContent = ` at ${position}`;
+    li.append(at);
+  }
   logEl.prepend(li);
 }
 
+// One line per channel: its status, last position and whether its last join recovered; the same in data-*
+// attributes for tests (data-recovered: "true", "false", or "" for a join without `since`). Without a
+// status, the line keeps the one it shows.
 function showChannel(topic, status, detail) {
   let li = channelsEl.querySelector(`[data-topic="${CSS.escape(topic)}"]`);
   if (!li) {
@@ -52,8 +69,14 @@ function showChannel(topic, status, detail) {
     li.dataset.topic = topic;
     channelsEl.append(li);
   }
+  if (status === undefined) [status, detail] = [li.dataset.status, li.dataset.detail];
+  const { last, recovered } = positions[topic] || {};
   li.dataset.status = status;
-  li.textContent = `${topic}: ${status}${detail ? " (" + detail + ")" : ""}`;
+  li.dataset.detail = detail || "";
+  li.dataset.position = last || "";
+  li.dataset.recovered = recovered === undefined ? "" : String(recovered);
+  const facts = [`position ${last || "none yet"}`, `recovered: ${recovered === undefined ? "no since sent" : recovered}`];
+  li.textContent = `${topic}: ${status}${detail ? " (" + detail + ")" : ""} · ${facts.join(" · ")}`;
 }
 
 $("socket-url").textContent = socketUrl;
@@ -68,17 +91,35 @@ socket.onError(() => setState("error", "the gateway refused or dropped the socke
 socket.onClose((e) =>
   setState("closed", e.code === 1006 ? "code 1006: refused (403: origin or token) or unreachable" : `code ${e.code}`),
 );
-// Every broadcast ([null, null, topic, event, payload]) goes to the log as it arrives.
-socket.onMessage(({ topic, event, payload, ref }) => {
-  if (ref == null && !event.startsWith("phx_")) log("event", topic, event, payload);
-});
+// A broadcast is [null, "<position>", topic, event, payload] on a join with positions. Replies to this
+// page's pushes are "phx_reply" on the socket and "chan_reply_<ref>" on the channel; neither is an event.
+const isBroadcast = (event) => !event.startsWith("phx_") && !event.startsWith("chan_reply_");
 
 function join(topic) {
-  const channel = socket.channel(topic, {});
+  const state = (positions[topic] = { last: null, recovered: undefined });
+  // Evaluated on every (re)join: `since` once a position is known.
+  const channel = socket.channel(topic, () => (state.last ? { since: state.last } : { positions: true }));
+  // Every event of the channel passes here before its handlers (`channel.on(event, (payload, position) => …)`
+  // gets the same position as its second argument): log it and remember its position.
+  channel.onMessage = (event, payload, ref) => {
+    if (isBroadcast(event)) {
+      if (typeof ref === "string") state.last = ref;
+      log("event", topic, event, payload, ref);
+      showChannel(topic);
+    }
+    return payload;
+  };
   showChannel(topic, "joining");
   channel
     .join()
-    .receive("ok", () => showChannel(topic, "joined"))
+    .receive("ok", (resp) => {
+      state.recovered = resp.recovered;
+      if (resp.recovered === false) {
+        log("info", topic, "not recovered", { since: state.last, note: "a real client refetches its state here" });
+      }
+      if (resp.position) state.last = resp.position;
+      showChannel(topic, "joined");
+    })
     .receive("error", (resp) => showChannel(topic, "refused", resp && resp.reason))
     .receive("timeout", () => showChannel(topic, "timeout"));
   channel.onError(() => showChannel(topic, "errored"));
@@ -118,3 +159,11 @@ $("online-form").addEventListener("submit", (e) => {
     });
 });
 if (user) $("online-user").value = user;
+
+// For tests and for trying recovery by hand (from the console): drop the socket as a network failure would
+// leave it (the channels error), then connect again (the channels rejoin with `since`).
+window.epochExample = {
+  drop: () => new Promise((resolve) => socket.disconnect(resolve)),
+  reconnect: () => socket.connect(),
+  positions: () => JSON.parse(JSON.stringify(positions)),
+};
