@@ -217,6 +217,7 @@ impl Application {
         let revocations = tokio::spawn(revocation::run(
             nats.clone(),
             settings.auth.revoked_bucket.clone(),
+            settings.presence.replicas,
             Arc::clone(&endpoint.revocations),
             revoked,
             presence_stop.clone(),

@@ -1,9 +1,10 @@
 //! Revoked tokens, cluster-wide: a JetStream KV bucket of token ids (`jti`), each record living until the
 //! token would have expired (per-message TTL), and a local set kept current by a KV watch.
 //!
-//! A `logout {token}` event arrives on every instance (each subscribes to the user subjects); each closes
-//! its own sockets of that token and writes the record (an idempotent put), and the upgrade handler
-//! refuses a revoked token with 403 from the local set, without a NATS round trip.
+//! A `logout {token}` event arrives on every instance that follows the user (all of them on the core path;
+//! those with a session of the user with the event stream); each closes its own sockets of that token and
+//! writes the record (an idempotent put), and the upgrade handler refuses a revoked token with 403 from
+//! the local set, without a NATS round trip.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -86,11 +87,16 @@ pub fn record_key(jti: &str) -> String {
 ///
 /// # Errors
 /// When JetStream does not answer or refuses the bucket; a missing bucket is created, not an error.
-pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, OpenError> {
+pub async fn open_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<kv::Store, OpenError> {
     let config = kv::Config {
         bucket: bucket.to_owned(),
         description: "epoch-gateway revoked token ids".to_owned(),
         history: 1,
+        num_replicas: replicas,
         storage: stream::StorageType::File,
         limit_markers: Some(MARKER_TTL),
         ..Default::default()
@@ -99,9 +105,11 @@ pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::St
 }
 
 /// Waits for NATS, opens the bucket, then records queued revocations and follows the bucket until `stop`.
+/// `replicas` is used when the bucket is created (the presence bucket's: both live on the same cluster).
 pub async fn run(
     nats: Nats,
     bucket: String,
+    replicas: usize,
     revocations: Arc<Revocations>,
     pending: mpsc::UnboundedReceiver<(String, u64)>,
     stop: CancellationToken,
@@ -112,7 +120,7 @@ pub async fn run(
     let js = nats.jetstream();
     let opened = retry::with_backoff(
         &stop,
-        || open_bucket(&js, &bucket),
+        || open_bucket(&js, &bucket, replicas),
         |error| {
             tracing::debug!(%error, %bucket, "revocation bucket not available yet; retrying");
             OnError::Retry

@@ -1,6 +1,8 @@
 //! Ingress: where a NATS message becomes a frame.
 //!
-//! Ingress holds one subscription, `<prefix>.user.*`. Each message's subject is parsed once into a
+//! On the core path ([`run`], `delivery.enabled = false`) ingress holds one subscription, `<prefix>.user.*`;
+//! with the event stream, [`crate::delivery::live`] feeds the same [`Router`]. Each message's subject is
+//! parsed once into a
 //! [`Topic`]; the body is checked once (size, JSON envelope, event name), encoded once as
 //! `[null, null, topic, event, payload]`, and handed to the hub, which shares the same bytes with every
 //! subscribed socket. A message that fails a check is dropped, counted by reason, and logged at most once

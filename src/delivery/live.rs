@@ -145,7 +145,9 @@ impl Delivery {
         let epoch = self.epoch()?;
         let mut topics = self.topics();
         let head = topics.trackers.get(&topic)?.last();
-        let replay = since.and_then(|since| {
+        // A `since` past this instance's head is left to the stream, which can tell "from the future"
+        // from "another instance saw it first".
+        let replay = since.filter(|since| *since <= head).and_then(|since| {
             let window = topics.window(topic)?;
             let entries = window.after(since, SystemTime::now())?;
             let max = usize::try_from(self.options.max_recover).unwrap_or(usize::MAX);
@@ -566,6 +568,10 @@ impl Follower {
             }
             Err(error) => {
                 tracing::error!(%error, %topic, after, through, "events missing: the gap could not be read back");
+                // The hot window must not claim to be complete over the hole.
+                if let Some(window) = self.delivery.topics().window(topic) {
+                    window.reset(through);
+                }
                 false
             }
         }

@@ -49,9 +49,10 @@ pub const PARAM_POSITIONS: &str = "positions";
 pub const PARAM_SINCE: &str = "since";
 /// How long a join waits for its user's upstream subscription before it is refused as unavailable
 /// (phoenix.js rejoins after an error).
-const UPSTREAM_WAIT: Duration = Duration::from_secs(5);
-/// How long a recovery may take before the join is answered with `recovered: false`.
-const RECOVERY_WAIT: Duration = Duration::from_secs(6);
+const UPSTREAM_WAIT: Duration = Duration::from_secs(3);
+/// How long a recovery may take before the join is answered with `recovered: false`. With
+/// [`UPSTREAM_WAIT`], within phoenix.js's default join timeout of 10 s.
+const RECOVERY_WAIT: Duration = Duration::from_secs(5);
 
 /// What a join asked for beyond the plain subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,7 +239,10 @@ impl Channels {
                         Ok(recovery) => recovery,
                         Err(_) => {
                             tracing::warn!(%topic, "recovery timed out; answered as not recovered");
-                            Recovery::Refused(crate::delivery::recovery::Reason::Expired)
+                            let refused =
+                                Recovery::Refused(crate::delivery::recovery::Reason::Expired);
+                            delivery.record(&refused);
+                            refused
                         }
                     },
                 };
