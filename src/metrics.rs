@@ -6,13 +6,16 @@
 //! ever becomes a label) and a rate over a series that has not moved yet is 0, not absent.
 
 use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::auth::AuthFailure;
@@ -214,6 +217,63 @@ struct CloseLabels {
     code: u16,
 }
 
+/// A histogram of durations over [`LATENCY_BUCKETS`], updated with relaxed atomics. It is observed once
+/// per write batch of every socket, on every worker thread: prometheus-client's histogram takes a lock per
+/// observation, which those threads would contend for. Cloning shares it (the registry holds a clone).
+#[derive(Debug, Clone, Default)]
+struct LatencyHistogram(std::sync::Arc<LatencyCounts>);
+
+#[derive(Debug, Default)]
+struct LatencyCounts {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|bound| secs <= *bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        let counts = &self.0;
+        counts.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        counts.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        counts.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> fmt::Result {
+        let counts = &self.0;
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(&counts.buckets)
+            .map(|(bound, count)| (bound, count.load(Ordering::Relaxed)))
+            .collect();
+        let sum = counts.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(
+            sum,
+            counts.count.load(Ordering::Relaxed),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// Every metric of the process, and the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -236,9 +296,9 @@ pub struct Metrics {
     closes: Family<CloseLabels, Counter>,
     nats_events: Family<EventLabels, Counter>,
     /// NATS receive → socket write, observed on the first frame of each write batch.
-    fanout_latency: Histogram,
+    fanout_latency: LatencyHistogram,
     /// `is_online` frame decoded → reply written.
-    is_online_latency: Histogram,
+    is_online_latency: LatencyHistogram,
     nats_connected: Gauge,
     nats_reconnects: Counter,
     presence_local_users: Gauge,
@@ -296,8 +356,8 @@ impl Metrics {
             is_online_queries: Counter::default(),
             closes: family_of(&close_codes, |code| CloseLabels { code }),
             nats_events: family_of(KnownEvent::ALL, |event| EventLabels { event }),
-            fanout_latency: Histogram::new(LATENCY_BUCKETS),
-            is_online_latency: Histogram::new(LATENCY_BUCKETS),
+            fanout_latency: LatencyHistogram::default(),
+            is_online_latency: LatencyHistogram::default(),
             nats_connected: Gauge::default(),
             nats_reconnects: Counter::default(),
             presence_local_users: Gauge::default(),
@@ -530,7 +590,7 @@ impl Metrics {
 
     /// An `is_online` reply was written `elapsed` after its frame was decoded.
     pub fn is_online_answered(&self, elapsed: Duration) {
-        self.is_online_latency.observe(elapsed.as_secs_f64());
+        self.is_online_latency.observe(elapsed);
     }
 
     /// A message arrived on the ingress subjects.
@@ -556,7 +616,7 @@ impl Metrics {
 
     /// A write batch was flushed `elapsed` after its first frame's NATS message arrived.
     pub fn fanout_latency(&self, elapsed: Duration) {
-        self.fanout_latency.observe(elapsed.as_secs_f64());
+        self.fanout_latency.observe(elapsed);
     }
 
     /// A socket was closed because its outbound queue overflowed.

@@ -254,9 +254,11 @@ impl Session<'_> {
             first_received.get_or_insert(queued.received());
             self.socket
                 .start_send_unpin(Message::Text(queued.frame()))?;
-            self.metrics.frames_written(1);
             written += 1;
         }
+        // Counted once per batch: a shared counter bumped per frame costs the hot path. A batch cut short
+        // by a kick goes uncounted; the socket closes then anyway.
+        self.metrics.frames_written(written as u64);
         self.socket.flush().await?;
         if let Some(received) = first_received {
             self.metrics.fanout_latency(received.elapsed());
