@@ -702,3 +702,75 @@ async fn reads_after_the_stream_leader_is_killed_miss_nothing() {
     );
     assert_eq!(state.last_seq, 40);
 }
+
+/// A `disconnect` and a `logout` published while the gateway is cut off from NATS (stored by the stream on
+/// a server that came back on its store, before the gateway reconnected) still take effect once it has
+/// caught up: the sockets are closed and the token is refused.
+#[tokio::test]
+async fn side_effects_caught_up_after_an_outage_take_effect() {
+    let mut server = RestartableNats::start();
+    let gw = Gateway::start(&server.url()).await;
+    let logout_token = mint(&serde_json::json!({
+        "sub": "9", "jti": "3b7d1f4e-0000-4000-8000-000000000009", "exp": now() + 600
+    }));
+    let mut logged_out =
+        PhxClient::connect(&gw.socket_url(&format!("token={logout_token}&vsn=2.0.0")))
+            .await
+            .unwrap();
+    logged_out.join_ok("user:9").await;
+    let mut disconnected = gw.authenticated(10).await;
+    disconnected.join_ok("user:10").await;
+
+    server.kill();
+    // Long enough for the gateway's reconnect delay to grow past the moment the events are published.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.restart();
+    let publisher = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(publisher.clone());
+    let logout = serde_json::json!({"event": "logout", "payload": {"token": logout_token}});
+    for (subject, body) in [
+        (format!("{}.user.9", gw.prefix), logout.to_string()),
+        (
+            format!("{}.user.10", gw.prefix),
+            r#"{"event":"disconnect"}"#.to_owned(),
+        ),
+    ] {
+        js.publish(subject, body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    // The logout event is delivered, then the socket of that token is closed; the disconnect closes.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut saw_logout = false;
+    loop {
+        match logged_out.next_within(deadline - Instant::now()).await {
+            Some(Next::Frame(frame)) if frame[3] == "logout" => saw_logout = true,
+            Some(Next::Frame(_)) => {}
+            Some(Next::Closed(code)) => {
+                assert_eq!(code, Some(4402));
+                break;
+            }
+            None => panic!("the logged-out socket was not closed"),
+        }
+    }
+    assert!(saw_logout, "the logout event is delivered before the close");
+    match disconnected.next_within(deadline - Instant::now()).await {
+        Some(Next::Closed(code)) => assert_eq!(code, Some(4403)),
+        other => panic!("the disconnected socket was not closed: {other:?}"),
+    }
+    let caught_up = gw
+        .metric("epoch_gateway_delivery_caught_up_events_total")
+        .await;
+    assert!(
+        caught_up >= 2.0,
+        "the events came from the catch-up: {caught_up}"
+    );
+    assert_eq!(
+        gw.upgrade_status(&format!("token={logout_token}&vsn=2.0.0"))
+            .await,
+        403
+    );
+}
