@@ -255,7 +255,7 @@ impl Delivery {
     pub fn record(&self, outcome: &Recovery) {
         let (outcome, events) = match outcome {
             Recovery::Replayed(frames) => (RecoveryOutcome::Recovered, frames.len()),
-            Recovery::Refused(reason) => (outcome_of(*reason), 0),
+            Recovery::Refused(reason) => (reason.outcome(), 0),
         };
         self.metrics.delivery_recovery(outcome, events);
     }
@@ -263,18 +263,6 @@ impl Delivery {
     /// `frame` with `seq`'s position in the ref slot.
     pub fn positioned(epoch: &Epoch, seq: u64, frame: &Frame) -> Frame {
         protocol::with_ref(frame, &Position::new(epoch.clone(), seq).encode())
-    }
-}
-
-/// The metric label of a refusal.
-const fn outcome_of(reason: Reason) -> RecoveryOutcome {
-    match reason {
-        Reason::Malformed => RecoveryOutcome::Malformed,
-        Reason::OtherStream => RecoveryOutcome::OtherStream,
-        Reason::FromTheFuture => RecoveryOutcome::FromTheFuture,
-        Reason::Expired => RecoveryOutcome::Expired,
-        Reason::Trimmed => RecoveryOutcome::Trimmed,
-        Reason::TooMany => RecoveryOutcome::TooMany,
     }
 }
 
@@ -504,38 +492,27 @@ impl Follower {
         };
         self.delivery.metrics.delivery_lag(stored.time);
         match verdict {
-            Verdict::Duplicate => {}
-            Verdict::Deliver => {
-                self.deliver(
-                    topic,
-                    stored.seq,
-                    &stored.subject,
-                    &message.payload,
-                    message.headers.as_ref(),
-                    stored.time,
-                    received,
-                    router,
-                );
-            }
+            Verdict::Duplicate => return,
+            Verdict::Deliver => {}
             Verdict::Gap { after, through, .. } => {
-                let filled = self
+                if self
                     .fill(topic, &stored.subject, after, through, router)
-                    .await;
-                if filled {
+                    .await
+                {
                     self.delivery.metrics.delivery_gap_filled();
                 }
-                self.deliver(
-                    topic,
-                    stored.seq,
-                    &stored.subject,
-                    &message.payload,
-                    message.headers.as_ref(),
-                    stored.time,
-                    received,
-                    router,
-                );
             }
         }
+        self.deliver(
+            topic,
+            stored.seq,
+            &stored.subject,
+            &message.payload,
+            message.headers.as_ref(),
+            stored.time,
+            received,
+            router,
+        );
     }
 
     /// Reads `subject` after `after` through `through` from the stream and delivers it. Returns whether

@@ -31,6 +31,7 @@
 //! prove completeness, nothing was removed under the read either.
 
 use super::position::{Epoch, Position, PositionError};
+use crate::metrics::RecoveryOutcome;
 
 /// The facts a decision needs.
 #[derive(Debug, Clone, Copy)]
@@ -79,15 +80,20 @@ pub enum Reason {
 }
 
 impl Reason {
-    /// Short label for logs and metrics.
+    /// Short label for logs and metrics: the metric's label of the outcome.
     pub const fn as_str(self) -> &'static str {
+        self.outcome().label()
+    }
+
+    /// The recovery outcome this refusal is counted as.
+    pub const fn outcome(self) -> RecoveryOutcome {
         match self {
-            Self::Malformed => "malformed",
-            Self::OtherStream => "other_stream",
-            Self::FromTheFuture => "from_the_future",
-            Self::Expired => "expired",
-            Self::Trimmed => "trimmed",
-            Self::TooMany => "too_many",
+            Self::Malformed => RecoveryOutcome::Malformed,
+            Self::OtherStream => RecoveryOutcome::OtherStream,
+            Self::FromTheFuture => RecoveryOutcome::FromTheFuture,
+            Self::Expired => RecoveryOutcome::Expired,
+            Self::Trimmed => RecoveryOutcome::Trimmed,
+            Self::TooMany => RecoveryOutcome::TooMany,
         }
     }
 }

@@ -190,17 +190,11 @@ impl Channels {
             )];
         }
         let (join_ref, msg_ref) = (join_ref.as_deref(), msg_ref.as_deref());
-        let Some(delivery) = self.delivery.clone() else {
-            return vec![protocol::reply(
-                join_ref,
-                msg_ref,
-                &name,
-                Status::Ok,
-                &Empty {},
-            )];
-        };
-        let since = match &wants {
-            Wants::Plain => {
+        let (delivery, since) = match (&self.delivery, &wants) {
+            (Some(delivery), Wants::Positions) => (Arc::clone(delivery), None),
+            (Some(delivery), Wants::Since(since)) => (Arc::clone(delivery), Some(since.clone())),
+            // Today's join, answered once the user's events are subscribed.
+            (None, _) | (Some(_), Wants::Plain) => {
                 return vec![protocol::reply(
                     join_ref,
                     msg_ref,
@@ -209,8 +203,6 @@ impl Channels {
                     &Empty {},
                 )];
             }
-            Wants::Positions => None,
-            Wants::Since(since) => Some(since.clone()),
         };
         let view = delivery.join_view(
             topic,
