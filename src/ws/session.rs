@@ -323,7 +323,9 @@ impl Session<'_> {
         let replies = self.channels.handle(frame);
         // A join waiting for the event stream is answered here, before the next frame is read.
         let replies = match self.channels.take_pending() {
-            Some(pending) => self.channels.complete(pending).await,
+            // Boxed: the recovery's future (stream reads) is large, and every socket's task would carry
+            // its size for its whole life, joined with `since` or not.
+            Some(pending) => Box::pin(self.channels.complete(pending)).await,
             None => replies,
         };
         let count = replies.len() as u64;
@@ -389,5 +391,21 @@ impl Session<'_> {
         };
         let _ = timeout(CLOSE_TIMEOUT, handshake).await;
         End::Closed(code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future an `async fn` of four arguments returns, without calling it.
+    fn size_of_future<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every socket's task holds its session's future for the socket's whole life: whatever a rare path
+    /// awaits inline (a recovery's stream reads) is paid by every idle socket. Such paths are boxed.
+    #[test]
+    fn a_sessions_future_stays_small() {
+        let size = size_of_future(super::serve);
+        assert!(size < 4096, "the session future is {size} bytes");
     }
 }
