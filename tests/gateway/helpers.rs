@@ -52,8 +52,11 @@ pub fn free_port() -> u16 {
 pub struct Nats {
     child: Child,
     pub url: String,
+    /// The monitoring port (`-m`), when the server was started with one.
+    pub monitor: Option<u16>,
+    port: u16,
     /// The JetStream store; removed when the server is dropped.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Nats {
@@ -63,30 +66,23 @@ impl Nats {
 
     pub fn start_on(port: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        Self::start_in(port, dir)
+        Self::start_in(port, None, dir)
     }
 
-    fn start_in(port: u16, dir: tempfile::TempDir) -> Self {
-        let bin = nats_server_bin();
-        let child = Command::new(&bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {} ({e}); run `make setup`", bin.display()));
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// A server that also serves its monitoring endpoints (`/connz`, …) on [`Self::monitor`].
+    pub fn start_monitored() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(free_port(), Some(free_port()), dir)
+    }
+
+    fn start_in(port: u16, monitor: Option<u16>, dir: tempfile::TempDir) -> Self {
+        let child = spawn_nats(port, monitor, dir.path());
         Self {
             child,
             url: format!("nats://127.0.0.1:{port}"),
-            _dir: dir,
+            monitor,
+            port,
+            dir,
         }
     }
 
@@ -98,6 +94,60 @@ impl Nats {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Kills the server (if it still runs) and starts it again on the same port and the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_nats(self.port, self.monitor, self.dir.path());
+    }
+
+    /// The JSON of a monitoring endpoint, e.g. `/connz?subs=1`.
+    pub async fn monitoring(&self, path: &str) -> Value {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let port = self.monitor.expect("a server started with a monitoring port");
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        // HTTP/1.0: the whole body, never chunked, then the end of the connection.
+        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+            .await
+            .expect("the monitoring endpoint answers in time")
+            .unwrap();
+        let text = String::from_utf8_lossy(&response);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        assert!(
+            head.lines().next().is_some_and(|status| status.contains(" 200 ")),
+            "{path}: {head}"
+        );
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+}
+
+/// Starts a JetStream nats-server on loopback and waits until it accepts connections.
+fn spawn_nats(port: u16, monitor: Option<u16>, store: &std::path::Path) -> Child {
+    let bin = nats_server_bin();
+    let mut command = Command::new(&bin);
+    command
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store);
+    if let Some(monitor) = monitor {
+        command.args(["-m", &monitor.to_string()]);
+    }
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {} ({e}); run `make setup`", bin.display()));
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nats-server did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 /// A 3-node JetStream cluster started from `nats/cluster/node-{a,b,c}.conf`, on fresh loopback ports.
@@ -598,4 +648,104 @@ impl PhxClient {
 /// The frame a NATS message for `topic` arrives as.
 pub fn broadcast(topic: &str, event: &str, payload: Value) -> Value {
     json!([null, null, topic, event, payload])
+}
+
+/// A Node script of `tests/js` (phoenix.js and nats.js), run with `node`; its output is read line by line.
+/// Killed when dropped.
+pub struct NodeScript {
+    child: tokio::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    output: Arc<Mutex<Vec<String>>>,
+}
+
+impl NodeScript {
+    pub fn start(script: &str, env: &[(&str, String)]) -> Self {
+        let js_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+        assert!(
+            js_dir.join("node_modules/phoenix").exists(),
+            "tests/js/node_modules is missing: run `make setup` (npm ci in tests/js)"
+        );
+        let mut child = tokio::process::Command::new("node")
+            .arg(script)
+            .current_dir(js_dir)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for (stream, tag) in [
+            (Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Send + Unpin>, ""),
+            (Box::new(stderr), "[stderr] "),
+        ] {
+            let (output, tx) = (Arc::clone(&output), tx.clone());
+            let script = script.to_owned();
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut lines = tokio::io::BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if std::env::var_os("TEST_LOG").is_some() {
+                        eprintln!("[{script}] {tag}{line}");
+                    }
+                    output.lock().unwrap().push(format!("{tag}{line}"));
+                    if tag.is_empty() {
+                        let _ = tx.send(line);
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            output,
+        }
+    }
+
+    /// Waits for a line of the script's output that starts with `prefix`; returns the rest of it.
+    pub async fn line(&mut self, prefix: &str, within: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_owned();
+                    }
+                }
+                _ => panic!(
+                    "no `{prefix}` line from the script within {within:?}; output:\n{}",
+                    self.output()
+                ),
+            }
+        }
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+
+    /// Waits for the script to end and asserts that every one of its checks passed; returns its output.
+    pub async fn passes(mut self, within: Duration) -> String {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the script did not end within {within:?}; output:\n{}",
+                    self.output()
+                )
+            })
+            .unwrap();
+        // The readers end with the process's output.
+        let deadline = Instant::now() + WAIT;
+        while !self.output().contains(" passed, ") && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let output = self.output();
+        assert!(status.success(), "the script failed:\n{output}");
+        assert!(output.contains(" passed, 0 failed"), "{output}");
+        output
+    }
 }
