@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::Message;
-use futures::StreamExt;
-use futures::stream::{BoxStream, SelectAll};
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -314,6 +315,9 @@ pub async fn follow(
         epoch: ensured.epoch,
         subscriptions: SelectAll::new(),
         users: HashMap::new(),
+        pending: HashMap::new(),
+        watermarks: FuturesUnordered::new(),
+        next_batch: 0,
         seen_max: ensured.info.state.last_sequence,
     };
     let mut reconnects = nats.reconnects();
@@ -336,7 +340,7 @@ pub async fn follow(
             tracing::error!(%error, %topic, "cannot subscribe to the event stream's copies");
         }
     }
-    let watermark = follower.watermark().await;
+    let watermark = watermark(nats.clone(), spec.name.clone(), follower.seen_max).await;
     {
         let mut topics = delivery.topics();
         for topic in [Topic::Public, Topic::Role] {
@@ -369,11 +373,43 @@ pub async fn follow(
             Some(message) = follower.subscriptions.next() => {
                 follower.on_live(message, &mut router).await;
             }
+            Some((batch, users, watermark)) = follower.watermarks.next() => {
+                follower.on_watermark(batch, users, watermark, &mut router).await;
+            }
             Some(_) = async { match elections.as_mut() { Some(e) => e.next().await, None => None } } => {
                 tracing::info!("event stream elected a leader: catching up");
                 follower.catch_up(&mut router).await;
             }
         }
+    }
+}
+
+/// A newly followed user whose watermark is still being read.
+struct Pending {
+    /// The batch of new users whose watermark read this user waits for.
+    batch: u64,
+    /// The hub's latest announcement of the user, acknowledged once the watermark is known.
+    generation: u64,
+    /// The user's copies that arrived meanwhile, in order.
+    copies: Vec<Message>,
+}
+
+/// A watermark read for a batch of new users: the batch, its users and the watermark.
+type WatermarkRead = BoxFuture<'static, (u64, Vec<UserId>, u64)>;
+
+/// The stream's last sequence, read after subscriptions were made: every event of a newly followed topic
+/// after it arrives live. Falls back on `seen_max`, the highest sequence seen before the subscriptions.
+async fn watermark(nats: Nats, stream: String, seen_max: u64) -> u64 {
+    // The server has registered the subscriptions once a flush returns.
+    let _ = tokio::time::timeout(WATERMARK_TIMEOUT, nats.client().flush()).await;
+    let js = nats.jetstream();
+    match tokio::time::timeout(WATERMARK_TIMEOUT, reader::stream_state(&js, &stream)).await {
+        Ok(Ok(state)) => state.last_seq.max(seen_max),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "event stream state unavailable; following from the last event seen");
+            seen_max
+        }
+        Err(_) => seen_max,
     }
 }
 
@@ -385,6 +421,12 @@ struct Follower {
     subscriptions: SelectAll<Followed>,
     /// Each followed user's subscription, ended by cancelling its token.
     users: HashMap<UserId, CancellationToken>,
+    /// Followed users without a tracker yet: their watermark is being read.
+    pending: HashMap<UserId, Pending>,
+    /// Watermark reads in flight. They run beside the ingress loop: a join storm's round trips to the stream
+    /// must not hold up the live events of every other topic.
+    watermarks: FuturesUnordered<WatermarkRead>,
+    next_batch: u64,
     /// Highest sequence seen on any followed subject: a lower bound of the stream's last sequence.
     seen_max: u64,
 }
@@ -409,29 +451,9 @@ impl Follower {
         Ok(token)
     }
 
-    /// The stream's last sequence, read after subscriptions were made: every event of a newly followed
-    /// topic after it arrives live. Falls back on the highest sequence seen.
-    async fn watermark(&mut self) -> u64 {
-        // The server has registered the subscriptions once a flush returns.
-        let _ = tokio::time::timeout(WATERMARK_TIMEOUT, self.nats.client().flush()).await;
-        let js = self.nats.jetstream();
-        match tokio::time::timeout(
-            WATERMARK_TIMEOUT,
-            reader::stream_state(&js, &self.delivery.options.spec.name),
-        )
-        .await
-        {
-            Ok(Ok(state)) => state.last_seq.max(self.seen_max),
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "event stream state unavailable; following from the last event seen");
-                self.seen_max
-            }
-            Err(_) => self.seen_max,
-        }
-    }
-
     /// Follows the users whose first session arrived and drops those whose last one left, then tells
-    /// the hub which subscriptions are in place.
+    /// the hub which subscriptions are in place; new users are in place once their watermark is known
+    /// ([`Self::on_watermark`]).
     async fn apply(&mut self, changes: Vec<Interest>, router: &Router) {
         // The last change of each user wins; a leave and a join in one batch keep the subscription.
         let mut last: HashMap<UserId, Option<u64>> = HashMap::new();
@@ -441,18 +463,29 @@ impl Follower {
                 Interest::Remove { user } => last.insert(user, None),
             };
         }
+        let batch = self.next_batch;
         let mut added = Vec::new();
         let mut ready = Vec::new();
         for (user, generation) in last {
             match generation {
                 Some(generation) if self.users.contains_key(&user) => {
-                    ready.push((user, generation))
+                    match self.pending.get_mut(&user) {
+                        Some(pending) => pending.generation = generation,
+                        None => ready.push((user, generation)),
+                    }
                 }
                 Some(generation) => match self.subscribe(Topic::User(user)).await {
                     Ok(token) => {
                         self.users.insert(user, token);
+                        self.pending.insert(
+                            user,
+                            Pending {
+                                batch,
+                                generation,
+                                copies: Vec::new(),
+                            },
+                        );
                         added.push(user);
-                        ready.push((user, generation));
                     }
                     Err(error) => {
                         tracing::warn!(%error, %user, "cannot subscribe to the user's events");
@@ -462,21 +495,51 @@ impl Follower {
                     if let Some(token) = self.users.remove(&user) {
                         token.cancel();
                     }
+                    self.pending.remove(&user);
                     self.delivery.topics().trackers.remove(&Topic::User(user));
                 }
             }
         }
         if !added.is_empty() {
-            let watermark = self.watermark().await;
-            let mut topics = self.delivery.topics();
-            for user in added {
-                topics
-                    .trackers
-                    .insert(Topic::User(user), Tracker::lower_bound(watermark));
-            }
+            self.next_batch += 1;
+            let read = watermark(
+                self.nats.clone(),
+                self.delivery.options.spec.name.clone(),
+                self.seen_max,
+            );
+            self.watermarks
+                .push(read.map(move |watermark| (batch, added, watermark)).boxed());
         }
         for (user, generation) in ready {
             router.hub().upstream_ready(user, generation);
+        }
+    }
+
+    /// The watermark of a batch of new users is known: each still waiting for it gets its tracker, the
+    /// copies that arrived meanwhile, and is announced to the hub as in place.
+    async fn on_watermark(
+        &mut self,
+        batch: u64,
+        users: Vec<UserId>,
+        watermark: u64,
+        router: &mut Router,
+    ) {
+        for user in users {
+            // A user who left meanwhile (and maybe came back in a later batch) is not this batch's.
+            if self.pending.get(&user).is_none_or(|p| p.batch != batch) {
+                continue;
+            }
+            let Some(pending) = self.pending.remove(&user) else {
+                continue;
+            };
+            self.delivery
+                .topics()
+                .trackers
+                .insert(Topic::User(user), Tracker::lower_bound(watermark));
+            for message in pending.copies {
+                self.on_live(message, router).await;
+            }
+            router.hub().upstream_ready(user, pending.generation);
         }
     }
 
@@ -494,10 +557,21 @@ impl Follower {
         let Some(topic) = ingress::subject_topic(self.prefix(), &stored.subject) else {
             return;
         };
-        let verdict = match self.delivery.topics().trackers.get(&topic) {
-            Some(tracker) => tracker.check(&stored),
-            // No longer followed (the last session left while the copy was in flight).
-            None => return,
+        let verdict = self
+            .delivery
+            .topics()
+            .trackers
+            .get(&topic)
+            .map(|tracker| tracker.check(&stored));
+        let Some(verdict) = verdict else {
+            // Followed, but its watermark is still being read: kept until it is known. Otherwise no
+            // longer followed (the last session left while the copy was in flight).
+            if let Topic::User(user) = topic
+                && let Some(pending) = self.pending.get_mut(&user)
+            {
+                pending.copies.push(message);
+            }
+            return;
         };
         self.delivery.metrics.delivery_lag(stored.time);
         match verdict {
