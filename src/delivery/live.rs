@@ -7,8 +7,10 @@
 //! topic's [`Tracker`] says whether it is next, a duplicate, or after a gap, which is read back from the
 //! stream before the copy is delivered. After a NATS reconnect, and after the stream elects a new leader
 //! (whose predecessor may have stored events it never republished), every followed topic is caught up
-//! from the stream to its head. Events reach the hub through the same [`Router`] as on the core path, in
-//! stream order, exactly once per topic.
+//! from the stream to its head; a deleted stream is created again at once, and its new epoch voids the old
+//! positions. Events reach the hub through the same [`Router`] as on the core path, in stream order,
+//! exactly once per topic. A newly followed user's starting point (the stream's last sequence after the
+//! subscription, its watermark) is read beside the loop; the user's copies wait for it, other topics do not.
 //!
 //! A topic's head (its last delivered sequence) and, for `public` and `role`, a [`Window`] of its recent
 //! frames are updated before the hub gets the event, under one lock that a join also takes after it
@@ -321,17 +323,15 @@ pub async fn follow(
         seen_max: ensured.info.state.last_sequence,
     };
     let mut reconnects = nats.reconnects();
-    let mut elections = match nats
+    // The stream's advisories: a new leader, or the stream deleted (it is created again at once).
+    let mut advisories = match nats
         .client()
-        .subscribe(format!(
-            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
-            spec.name
-        ))
+        .subscribe(format!("$JS.EVENT.ADVISORY.STREAM.*.{}", spec.name))
         .await
     {
-        Ok(elections) => Some(elections),
+        Ok(advisories) => Some(advisories),
         Err(error) => {
-            tracing::warn!(%error, "cannot follow the event stream's leader elections");
+            tracing::warn!(%error, "cannot follow the event stream's advisories");
             None
         }
     };
@@ -376,9 +376,14 @@ pub async fn follow(
             Some((batch, users, watermark)) = follower.watermarks.next() => {
                 follower.on_watermark(batch, users, watermark, &mut router).await;
             }
-            Some(_) = async { match elections.as_mut() { Some(e) => e.next().await, None => None } } => {
-                tracing::info!("event stream elected a leader: catching up");
-                follower.catch_up(&mut router).await;
+            Some(advisory) = async { match advisories.as_mut() { Some(a) => a.next().await, None => None } } => {
+                if advisory.subject.starts_with("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.") {
+                    tracing::info!("event stream elected a leader: catching up");
+                    follower.catch_up(&mut router).await;
+                } else if advisory.subject.starts_with("$JS.EVENT.ADVISORY.STREAM.DELETED.") {
+                    tracing::warn!("event stream deleted: creating it again");
+                    follower.catch_up(&mut router).await;
+                }
             }
         }
     }
@@ -645,8 +650,8 @@ impl Follower {
     }
 
     /// Brings every followed topic up to the stream's head: after a reconnect, or a new stream leader. A
-    /// server that came back with an empty store has lost the stream: it is created again, and every
-    /// followed topic starts over from the new stream's first event.
+    /// server that came back with an empty store has lost the stream, and a deleted stream is gone: it is
+    /// created again, and every followed topic starts over from the new stream's first event.
     async fn catch_up(&mut self, router: &mut Router) {
         let js = self.nats.jetstream();
         let name = self.delivery.options.spec.name.clone();
