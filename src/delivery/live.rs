@@ -52,6 +52,17 @@ const READ_DEADLINE: Duration = Duration::from_secs(30);
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
 /// Longest wait for the stream's last sequence when new users are subscribed.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for one answer from JetStream. A request sent while the stream (or the cluster's meta layer)
+/// has no leader is never answered: it is sent again soon, rather than waited on for the connection's
+/// request timeout (10 s) while a catch-up holds up the live events of every topic.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The JetStream context of every request about the event stream.
+fn jetstream(nats: &Nats) -> async_nats::jetstream::Context {
+    async_nats::jetstream::ContextBuilder::new()
+        .timeout(REQUEST_TIMEOUT)
+        .build(nats.client().clone())
+}
 
 /// What the event stream keeps, from configuration.
 #[derive(Debug, Clone)]
@@ -180,7 +191,7 @@ impl Delivery {
         since: Result<Position, PositionError>,
         head: u64,
     ) -> Recovery {
-        let js = self.nats.jetstream();
+        let js = jetstream(&self.nats);
         let name = &self.options.spec.name;
         let state = match reader::stream_state(&js, name).await {
             Ok(state) => state,
@@ -293,7 +304,7 @@ pub async fn follow(
     if !nats.wait_connected(&stop).await {
         return;
     }
-    let js = nats.jetstream();
+    let js = jetstream(&nats);
     let spec = delivery.options.spec.clone();
     let opened = retry::with_backoff(
         &stop,
@@ -407,7 +418,7 @@ type WatermarkRead = BoxFuture<'static, (u64, Vec<UserId>, u64)>;
 async fn watermark(nats: Nats, stream: String, seen_max: u64) -> u64 {
     // The server has registered the subscriptions once a flush returns.
     let _ = tokio::time::timeout(WATERMARK_TIMEOUT, nats.client().flush()).await;
-    let js = nats.jetstream();
+    let js = jetstream(&nats);
     match tokio::time::timeout(WATERMARK_TIMEOUT, reader::stream_state(&js, &stream)).await {
         Ok(Ok(state)) => state.last_seq.max(seen_max),
         Ok(Err(error)) => {
@@ -624,7 +635,7 @@ impl Follower {
         through: u64,
         router: &mut Router,
     ) -> bool {
-        let js = self.nats.jetstream();
+        let js = jetstream(&self.nats);
         let request = ReadRequest::new(
             &self.delivery.options.spec.name,
             subject,
@@ -653,7 +664,7 @@ impl Follower {
     /// server that came back with an empty store has lost the stream, and a deleted stream is gone: it is
     /// created again, and every followed topic starts over from the new stream's first event.
     async fn catch_up(&mut self, router: &mut Router) {
-        let js = self.nats.jetstream();
+        let js = jetstream(&self.nats);
         let name = self.delivery.options.spec.name.clone();
         match self.reopen().await {
             Some(epoch) if epoch != self.epoch => {
@@ -746,7 +757,7 @@ impl Follower {
 
     /// Opens (or creates again) the stream, retrying through a leader election; its epoch.
     async fn reopen(&mut self) -> Option<Epoch> {
-        let js = self.nats.jetstream();
+        let js = jetstream(&self.nats);
         let spec = &self.delivery.options.spec;
         let deadline = tokio::time::Instant::now() + READ_DEADLINE;
         let mut delay = retry::FIRST_DELAY;
