@@ -104,7 +104,9 @@ impl Nats {
     /// The JSON of a monitoring endpoint, e.g. `/connz?subs=1`.
     pub async fn monitoring(&self, path: &str) -> Value {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let port = self.monitor.expect("a server started with a monitoring port");
+        let port = self
+            .monitor
+            .expect("a server started with a monitoring port");
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         // HTTP/1.0: the whole body, never chunked, then the end of the connection.
         let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
@@ -117,7 +119,9 @@ impl Nats {
         let text = String::from_utf8_lossy(&response);
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         assert!(
-            head.lines().next().is_some_and(|status| status.contains(" 200 ")),
+            head.lines()
+                .next()
+                .is_some_and(|status| status.contains(" 200 ")),
             "{path}: {head}"
         );
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
@@ -679,7 +683,10 @@ impl NodeScript {
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
         for (stream, tag) in [
-            (Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Send + Unpin>, ""),
+            (
+                Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                "",
+            ),
             (Box::new(stderr), "[stderr] "),
         ] {
             let (output, tx) = (Arc::clone(&output), tx.clone());

@@ -8,6 +8,7 @@ mod channels;
 mod cli;
 mod cluster;
 mod delivery;
+mod failover;
 mod helpers;
 mod hostile;
 mod ingress;
