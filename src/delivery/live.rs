@@ -7,8 +7,10 @@
 //! topic's [`Tracker`] says whether it is next, a duplicate, or after a gap, which is read back from the
 //! stream before the copy is delivered. After a NATS reconnect, and after the stream elects a new leader
 //! (whose predecessor may have stored events it never republished), every followed topic is caught up
-//! from the stream to its head. Events reach the hub through the same [`Router`] as on the core path, in
-//! stream order, exactly once per topic.
+//! from the stream to its head; a deleted stream is created again at once, and its new epoch voids the old
+//! positions. Events reach the hub through the same [`Router`] as on the core path, in stream order,
+//! exactly once per topic. A newly followed user's starting point (the stream's last sequence after the
+//! subscription, its watermark) is read beside the loop; the user's copies wait for it, other topics do not.
 //!
 //! A topic's head (its last delivered sequence) and, for `public` and `role`, a [`Window`] of its recent
 //! frames are updated before the hub gets the event, under one lock that a join also takes after it
@@ -20,8 +22,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::Message;
-use futures::StreamExt;
-use futures::stream::{BoxStream, SelectAll};
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +52,17 @@ const READ_DEADLINE: Duration = Duration::from_secs(30);
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
 /// Longest wait for the stream's last sequence when new users are subscribed.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for one answer from JetStream. A request sent while the stream (or the cluster's meta layer)
+/// has no leader is never answered: it is sent again soon, rather than waited on for the connection's
+/// request timeout (10 s) while a catch-up holds up the live events of every topic.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The JetStream context of every request about the event stream.
+fn jetstream(nats: &Nats) -> async_nats::jetstream::Context {
+    async_nats::jetstream::ContextBuilder::new()
+        .timeout(REQUEST_TIMEOUT)
+        .build(nats.client().clone())
+}
 
 /// What the event stream keeps, from configuration.
 #[derive(Debug, Clone)]
@@ -179,7 +193,7 @@ impl Delivery {
         since: Result<Position, PositionError>,
         head: u64,
     ) -> Recovery {
-        let js = self.nats.jetstream();
+        let js = jetstream(&self.nats);
         let name = &self.options.spec.name;
         let state = match reader::stream_state(&js, name).await {
             Ok(state) => state,
@@ -280,7 +294,7 @@ pub async fn follow(
     if !nats.wait_connected(&stop).await {
         return;
     }
-    let js = nats.jetstream();
+    let js = jetstream(&nats);
     let spec = delivery.options.spec.clone();
     let opened = retry::with_backoff(
         &stop,
@@ -299,20 +313,21 @@ pub async fn follow(
         epoch: ensured.epoch,
         subscriptions: SelectAll::new(),
         users: HashMap::new(),
+        pending: HashMap::new(),
+        watermarks: FuturesUnordered::new(),
+        next_batch: 0,
         seen_max: ensured.info.state.last_sequence,
     };
     let mut reconnects = nats.reconnects();
-    let mut elections = match nats
+    // The stream's advisories: a new leader, or the stream deleted (it is created again at once).
+    let mut advisories = match nats
         .client()
-        .subscribe(format!(
-            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
-            spec.name
-        ))
+        .subscribe(format!("$JS.EVENT.ADVISORY.STREAM.*.{}", spec.name))
         .await
     {
-        Ok(elections) => Some(elections),
+        Ok(advisories) => Some(advisories),
         Err(error) => {
-            tracing::warn!(%error, "cannot follow the event stream's leader elections");
+            tracing::warn!(%error, "cannot follow the event stream's advisories");
             None
         }
     };
@@ -321,7 +336,7 @@ pub async fn follow(
             tracing::error!(%error, %topic, "cannot subscribe to the event stream's copies");
         }
     }
-    let watermark = follower.watermark().await;
+    let watermark = watermark(nats.clone(), spec.name.clone(), follower.seen_max).await;
     {
         let mut topics = delivery.topics();
         for topic in [Topic::Public, Topic::Role] {
@@ -360,11 +375,48 @@ pub async fn follow(
             Some(message) = follower.subscriptions.next() => {
                 follower.on_live(message, &mut router).await;
             }
-            Some(_) = async { match elections.as_mut() { Some(e) => e.next().await, None => None } } => {
-                tracing::info!("event stream elected a leader: catching up");
-                follower.catch_up(&mut router).await;
+            Some((batch, users, watermark)) = follower.watermarks.next() => {
+                follower.on_watermark(batch, users, watermark, &mut router).await;
+            }
+            Some(advisory) = async { match advisories.as_mut() { Some(a) => a.next().await, None => None } } => {
+                if advisory.subject.starts_with("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.") {
+                    tracing::info!("event stream elected a leader: catching up");
+                    follower.catch_up(&mut router).await;
+                } else if advisory.subject.starts_with("$JS.EVENT.ADVISORY.STREAM.DELETED.") {
+                    tracing::warn!("event stream deleted: creating it again");
+                    follower.catch_up(&mut router).await;
+                }
             }
         }
+    }
+}
+
+/// A newly followed user whose watermark is still being read.
+struct Pending {
+    /// The batch of new users whose watermark read this user waits for.
+    batch: u64,
+    /// The hub's latest announcement of the user, acknowledged once the watermark is known.
+    generation: u64,
+    /// The user's copies that arrived meanwhile, in order.
+    copies: Vec<Message>,
+}
+
+/// A watermark read for a batch of new users: the batch, its users and the watermark.
+type WatermarkRead = BoxFuture<'static, (u64, Vec<UserId>, u64)>;
+
+/// The stream's last sequence, read after subscriptions were made: every event of a newly followed topic
+/// after it arrives live. Falls back on `seen_max`, the highest sequence seen before the subscriptions.
+async fn watermark(nats: Nats, stream: String, seen_max: u64) -> u64 {
+    // The server has registered the subscriptions once a flush returns.
+    let _ = tokio::time::timeout(WATERMARK_TIMEOUT, nats.client().flush()).await;
+    let js = jetstream(&nats);
+    match tokio::time::timeout(WATERMARK_TIMEOUT, reader::stream_state(&js, &stream)).await {
+        Ok(Ok(state)) => state.last_seq.max(seen_max),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "event stream state unavailable; following from the last event seen");
+            seen_max
+        }
+        Err(_) => seen_max,
     }
 }
 
@@ -376,6 +428,12 @@ struct Follower {
     subscriptions: SelectAll<Followed>,
     /// Each followed user's subscription, ended by cancelling its token.
     users: HashMap<UserId, CancellationToken>,
+    /// Followed users without a tracker yet: their watermark is being read.
+    pending: HashMap<UserId, Pending>,
+    /// Watermark reads in flight. They run beside the ingress loop: a join storm's round trips to the stream
+    /// must not hold up the live events of every other topic.
+    watermarks: FuturesUnordered<WatermarkRead>,
+    next_batch: u64,
     /// Highest sequence seen on any followed subject: a lower bound of the stream's last sequence.
     seen_max: u64,
 }
@@ -400,29 +458,9 @@ impl Follower {
         Ok(token)
     }
 
-    /// The stream's last sequence, read after subscriptions were made: every event of a newly followed
-    /// topic after it arrives live. Falls back on the highest sequence seen.
-    async fn watermark(&mut self) -> u64 {
-        // The server has registered the subscriptions once a flush returns.
-        let _ = tokio::time::timeout(WATERMARK_TIMEOUT, self.nats.client().flush()).await;
-        let js = self.nats.jetstream();
-        match tokio::time::timeout(
-            WATERMARK_TIMEOUT,
-            reader::stream_state(&js, &self.delivery.options.spec.name),
-        )
-        .await
-        {
-            Ok(Ok(state)) => state.last_seq.max(self.seen_max),
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "event stream state unavailable; following from the last event seen");
-                self.seen_max
-            }
-            Err(_) => self.seen_max,
-        }
-    }
-
     /// Follows the users whose first session arrived and drops those whose last one left, then tells
-    /// the hub which subscriptions are in place.
+    /// the hub which subscriptions are in place; new users are in place once their watermark is known
+    /// ([`Self::on_watermark`]).
     async fn apply(&mut self, changes: Vec<Interest>, router: &Router) {
         // The last change of each user wins; a leave and a join in one batch keep the subscription.
         let mut last: HashMap<UserId, Option<u64>> = HashMap::new();
@@ -432,18 +470,29 @@ impl Follower {
                 Interest::Remove { user } => last.insert(user, None),
             };
         }
+        let batch = self.next_batch;
         let mut added = Vec::new();
         let mut ready = Vec::new();
         for (user, generation) in last {
             match generation {
                 Some(generation) if self.users.contains_key(&user) => {
-                    ready.push((user, generation))
+                    match self.pending.get_mut(&user) {
+                        Some(pending) => pending.generation = generation,
+                        None => ready.push((user, generation)),
+                    }
                 }
                 Some(generation) => match self.subscribe(Topic::User(user)).await {
                     Ok(token) => {
                         self.users.insert(user, token);
+                        self.pending.insert(
+                            user,
+                            Pending {
+                                batch,
+                                generation,
+                                copies: Vec::new(),
+                            },
+                        );
                         added.push(user);
-                        ready.push((user, generation));
                     }
                     Err(error) => {
                         tracing::warn!(%error, %user, "cannot subscribe to the user's events");
@@ -453,21 +502,51 @@ impl Follower {
                     if let Some(token) = self.users.remove(&user) {
                         token.cancel();
                     }
+                    self.pending.remove(&user);
                     self.delivery.topics().trackers.remove(&Topic::User(user));
                 }
             }
         }
         if !added.is_empty() {
-            let watermark = self.watermark().await;
-            let mut topics = self.delivery.topics();
-            for user in added {
-                topics
-                    .trackers
-                    .insert(Topic::User(user), Tracker::lower_bound(watermark));
-            }
+            self.next_batch += 1;
+            let read = watermark(
+                self.nats.clone(),
+                self.delivery.options.spec.name.clone(),
+                self.seen_max,
+            );
+            self.watermarks
+                .push(read.map(move |watermark| (batch, added, watermark)).boxed());
         }
         for (user, generation) in ready {
             router.hub().upstream_ready(user, generation);
+        }
+    }
+
+    /// The watermark of a batch of new users is known: each still waiting for it gets its tracker, the
+    /// copies that arrived meanwhile, and is announced to the hub as in place.
+    async fn on_watermark(
+        &mut self,
+        batch: u64,
+        users: Vec<UserId>,
+        watermark: u64,
+        router: &mut Router,
+    ) {
+        for user in users {
+            // A user who left meanwhile (and maybe came back in a later batch) is not this batch's.
+            if self.pending.get(&user).is_none_or(|p| p.batch != batch) {
+                continue;
+            }
+            let Some(pending) = self.pending.remove(&user) else {
+                continue;
+            };
+            self.delivery
+                .topics()
+                .trackers
+                .insert(Topic::User(user), Tracker::lower_bound(watermark));
+            for message in pending.copies {
+                self.on_live(message, router).await;
+            }
+            router.hub().upstream_ready(user, pending.generation);
         }
     }
 
@@ -485,10 +564,21 @@ impl Follower {
         let Some(topic) = ingress::subject_topic(self.prefix(), &stored.subject) else {
             return;
         };
-        let verdict = match self.delivery.topics().trackers.get(&topic) {
-            Some(tracker) => tracker.check(&stored),
-            // No longer followed (the last session left while the copy was in flight).
-            None => return,
+        let verdict = self
+            .delivery
+            .topics()
+            .trackers
+            .get(&topic)
+            .map(|tracker| tracker.check(&stored));
+        let Some(verdict) = verdict else {
+            // Followed, but its watermark is still being read: kept until it is known. Otherwise no
+            // longer followed (the last session left while the copy was in flight).
+            if let Topic::User(user) = topic
+                && let Some(pending) = self.pending.get_mut(&user)
+            {
+                pending.copies.push(message);
+            }
+            return;
         };
         self.delivery.metrics.delivery_lag(stored.time);
         match verdict {
@@ -525,7 +615,7 @@ impl Follower {
         through: u64,
         router: &mut Router,
     ) -> bool {
-        let js = self.nats.jetstream();
+        let js = jetstream(&self.nats);
         let request = ReadRequest::new(
             &self.delivery.options.spec.name,
             subject,
@@ -555,10 +645,10 @@ impl Follower {
     }
 
     /// Brings every followed topic up to the stream's head: after a reconnect, or a new stream leader. A
-    /// server that came back with an empty store has lost the stream: it is created again, and every
-    /// followed topic starts over from the new stream's first event.
+    /// server that came back with an empty store has lost the stream, and a deleted stream is gone: it is
+    /// created again, and every followed topic starts over from the new stream's first event.
     async fn catch_up(&mut self, router: &mut Router) {
-        let js = self.nats.jetstream();
+        let js = jetstream(&self.nats);
         let name = self.delivery.options.spec.name.clone();
         match self.reopen().await {
             Some(epoch) if epoch != self.epoch => {
@@ -651,7 +741,7 @@ impl Follower {
 
     /// Opens (or creates again) the stream, retrying through a leader election; its epoch.
     async fn reopen(&mut self) -> Option<Epoch> {
-        let js = self.nats.jetstream();
+        let js = jetstream(&self.nats);
         let spec = &self.delivery.options.spec;
         let deadline = tokio::time::Instant::now() + READ_DEADLINE;
         let mut delay = retry::FIRST_DELAY;

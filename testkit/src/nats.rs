@@ -29,6 +29,11 @@ pub struct Nats {
     pub url: String,
     /// The WebSocket listener of a [`Serves::WebSocket`] server.
     pub websocket: Option<SocketAddr>,
+    /// The monitoring port (`/connz`, `/jsz`, …), when the server was started with one.
+    pub monitor: Option<u16>,
+    bin: std::path::PathBuf,
+    port: u16,
+    conf: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -44,8 +49,23 @@ impl Nats {
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// A JetStream server that also serves its monitoring endpoints on [`Self::monitor`].
+    pub fn start_monitored() -> Self {
+        Self::launch_with(
+            &nats_server_bin(),
+            free_port(),
+            Serves::JetStream,
+            Some(free_port()),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// Starts `bin` on `port` and waits for its listeners.
     pub fn launch(bin: &Path, port: u16, serves: Serves) -> Result<Self> {
+        Self::launch_with(bin, port, serves, None)
+    }
+
+    fn launch_with(bin: &Path, port: u16, serves: Serves, monitor: Option<u16>) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         // Room for the load tool's sockets (19,500) on the WebSocket listener, and 1 MiB messages.
         let mut conf = format!(
@@ -61,17 +81,12 @@ impl Nats {
                 "websocket {{\n  listen: \"127.0.0.1:{ws_port}\"\n  no_tls: true\n}}\n"
             )),
         }
+        if let Some(monitor) = monitor {
+            conf.push_str(&format!("http: \"127.0.0.1:{monitor}\"\n"));
+        }
         let conf_path = dir.path().join("nats.conf");
         std::fs::write(&conf_path, conf)?;
-        let process = Process::spawn(
-            Command::new(bin)
-                .arg("-c")
-                .arg(&conf_path)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-            INSTALL_HINT,
-        )?;
-        wait_port(port, "nats-server")?;
+        let process = spawn(bin, &conf_path, port)?;
         if let Some(ws_port) = ws_port {
             wait_port(ws_port, "nats-server's WebSocket listener")?;
         }
@@ -80,8 +95,46 @@ impl Nats {
             process,
             url: format!("nats://127.0.0.1:{port}"),
             websocket,
+            monitor,
+            bin: bin.to_owned(),
+            port,
+            conf: conf_path,
             _dir: dir,
         })
+    }
+
+    /// Kills the server (if it still runs) and starts it again on the same port and the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.process = spawn(&self.bin, &self.conf, self.port).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    /// The JSON of a monitoring endpoint, e.g. `/connz?subs=1`.
+    pub async fn monitoring(&self, path: &str) -> serde_json::Value {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let port = self
+            .monitor
+            .expect("a server started with a monitoring port");
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        // HTTP/1.0: the whole body, never chunked, then the end of the connection.
+        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        tokio::time::timeout(crate::WAIT, stream.read_to_end(&mut response))
+            .await
+            .expect("the monitoring endpoint answers in time")
+            .unwrap();
+        let text = String::from_utf8_lossy(&response);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        assert!(
+            head.lines()
+                .next()
+                .is_some_and(|status| status.contains(" 200 ")),
+            "{path}: {head}"
+        );
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
     }
 
     pub async fn client(&self) -> async_nats::Client {
@@ -96,6 +149,20 @@ impl Nats {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+}
+
+/// Starts nats-server from `conf` and waits until it accepts connections on `port`.
+fn spawn(bin: &Path, conf: &Path, port: u16) -> Result<Process> {
+    let process = Process::spawn(
+        Command::new(bin)
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        INSTALL_HINT,
+    )?;
+    wait_port(port, "nats-server")?;
+    Ok(process)
 }
 
 /// A 3-node JetStream cluster started from `nats/cluster/node-{a,b,c}.conf`, on fresh loopback ports.
