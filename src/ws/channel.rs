@@ -109,7 +109,8 @@ pub struct Channels {
     metrics: Arc<Metrics>,
     /// The event stream, when delivery is on.
     delivery: Option<Arc<Delivery>>,
-    pending: Option<PendingJoin>,
+    /// Boxed: every socket holds the field, few ever fill it.
+    pending: Option<Box<PendingJoin>>,
     /// Per topic, the last position replayed to this socket: live copies up to it are dropped.
     replayed: Vec<(Topic, u64)>,
 }
@@ -147,7 +148,7 @@ impl Channels {
 
     /// The join left by the last [`Self::handle`] to complete, if any.
     pub fn take_pending(&mut self) -> Option<PendingJoin> {
-        self.pending.take()
+        self.pending.take().map(|pending| *pending)
     }
 
     /// Whether a queued broadcast was already replayed to this socket (and must not be written again).
@@ -497,14 +498,14 @@ impl Channels {
                 &Empty {},
             )];
         }
-        self.pending = Some(PendingJoin {
+        self.pending = Some(Box::new(PendingJoin {
             topic,
             name,
             join_ref,
             msg_ref: msg_ref.map(str::to_owned),
             wants,
             upstream,
-        });
+        }));
         Vec::new()
     }
 
