@@ -5,8 +5,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use anyhow::Result;
+use anyhow::{Context, Result, ensure};
 
+use crate::gateway::http_get;
 use crate::process::{Process, free_port, nats_server_bin, wait_port, workspace_root};
 
 /// How to get nats-server when it cannot be started.
@@ -29,6 +30,9 @@ pub struct Nats {
     pub url: String,
     /// The WebSocket listener of a [`Serves::WebSocket`] server.
     pub websocket: Option<SocketAddr>,
+    /// The HTTP monitoring endpoint (`/varz`, `/connz`, `/jsz`) of a server started with
+    /// [`Nats::launch_monitored`].
+    pub monitoring: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
@@ -46,11 +50,23 @@ impl Nats {
 
     /// Starts `bin` on `port` and waits for its listeners.
     pub fn launch(bin: &Path, port: u16, serves: Serves) -> Result<Self> {
+        Self::spawn(bin, port, serves, None)
+    }
+
+    /// [`Nats::launch`] with the HTTP monitoring endpoint on a free loopback port ([`Nats::monitoring`]).
+    pub fn launch_monitored(bin: &Path, port: u16, serves: Serves) -> Result<Self> {
+        Self::spawn(bin, port, serves, Some(free_port()))
+    }
+
+    fn spawn(bin: &Path, port: u16, serves: Serves, monitoring: Option<u16>) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         // Room for the load tool's sockets (19,500) on the WebSocket listener, and 1 MiB messages.
         let mut conf = format!(
             "listen: \"127.0.0.1:{port}\"\nmax_payload: 1048576\nmax_connections: 100000\n"
         );
+        if let Some(http_port) = monitoring {
+            conf.push_str(&format!("http: \"127.0.0.1:{http_port}\"\n"));
+        }
         let ws_port = (serves == Serves::WebSocket).then(free_port);
         match ws_port {
             None => conf.push_str(&format!(
@@ -72,16 +88,34 @@ impl Nats {
             INSTALL_HINT,
         )?;
         wait_port(port, "nats-server")?;
-        if let Some(ws_port) = ws_port {
-            wait_port(ws_port, "nats-server's WebSocket listener")?;
+        for (extra, what) in [
+            (ws_port, "nats-server's WebSocket listener"),
+            (monitoring, "nats-server's monitoring endpoint"),
+        ] {
+            if let Some(extra) = extra {
+                wait_port(extra, what)?;
+            }
         }
-        let websocket = ws_port.map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         Ok(Self {
             process,
             url: format!("nats://127.0.0.1:{port}"),
-            websocket,
+            websocket: ws_port.map(loopback),
+            monitoring: monitoring.map(loopback),
             _dir: dir,
         })
+    }
+
+    /// A JSON page of the monitoring endpoint (`/jsz`, `/connz?subs=1`, …) of a monitored server.
+    pub async fn monitoring_json(&self, path: &str) -> Result<serde_json::Value> {
+        let addr = self
+            .monitoring
+            .context("nats-server was started without its monitoring endpoint")?;
+        let (status, body) = http_get(addr, path)
+            .await
+            .with_context(|| format!("GET {path} from nats-server's monitoring endpoint"))?;
+        ensure!(status == 200, "GET {path}: status {status}");
+        Ok(serde_json::from_str(&body)?)
     }
 
     pub async fn client(&self) -> async_nats::Client {
