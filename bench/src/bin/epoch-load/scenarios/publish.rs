@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use epoch_bench::rng::Rng;
+use tokio_util::sync::CancellationToken;
 
 use super::{PREFIX, Target};
 use crate::stats::{Pooled, Stats, counts_between, cpu_percent, sample, sample_self, stamped_body};
@@ -30,11 +31,31 @@ pub(super) async fn publish(
     subject: impl Fn(u64) -> String,
 ) -> Result<u64> {
     let total = (rate * secs).round() as u64;
+    publish_until(
+        client,
+        rate,
+        total,
+        &CancellationToken::new(),
+        first_seq,
+        subject,
+    )
+    .await
+}
+
+/// [`publish`] of at most `total` messages, until `stop` is cancelled; returns how many were sent.
+pub(super) async fn publish_until(
+    client: &async_nats::Client,
+    rate: f64,
+    total: u64,
+    stop: &CancellationToken,
+    first_seq: u64,
+    subject: impl Fn(u64) -> String,
+) -> Result<u64> {
     let started = tokio::time::Instant::now();
     let mut sent = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    while sent < total {
+    while sent < total && !stop.is_cancelled() {
         tick.tick().await;
         let due = ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
         while sent < due {
