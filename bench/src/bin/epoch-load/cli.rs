@@ -36,6 +36,10 @@ pub(crate) enum Scenario {
     /// head, events lost and duplicated (the run fails on any), recoveries by outcome, JetStream API
     /// requests, B's CPU.
     RecoveryStorm,
+    /// Gateway only. For each of `--instances` K: K instances on one nats-server, N authenticated sockets
+    /// round-robin over them (user i joins `user:<i>`), per-user messages at each of `--rates` for `--secs`:
+    /// the NATS messages each instance received as a share of those published, its CPU, p99, and 0 lost.
+    ScaleOut,
 }
 
 impl Scenario {
@@ -47,7 +51,7 @@ impl Scenario {
 
     /// Scenarios that nats-server's WebSocket listener has no equivalent for.
     pub(crate) fn gateway_only(self) -> bool {
-        matches!(self, Self::RecoveryStorm)
+        matches!(self, Self::RecoveryStorm | Self::ScaleOut)
     }
 }
 
@@ -74,15 +78,18 @@ pub(crate) struct Args {
     /// how many the tool keeps in flight).
     #[arg(long, default_value_t = 256)]
     pub(crate) concurrency: usize,
-    /// Which servers to measure: by default both, the gateway alone for recovery-storm.
+    /// Which servers to measure: by default both, the gateway alone for recovery-storm and scale-out.
     #[arg(long, value_enum)]
     pub(crate) targets: Option<Targets>,
-    /// per-user: offered messages per second, one measurement per rate.
+    /// per-user and scale-out: offered messages per second, one measurement per rate.
     #[arg(long, value_delimiter = ',', default_value = "5000")]
     pub(crate) rates: Vec<f64>,
     /// recovery-storm: events per second published on user.public, before and during the storm.
     #[arg(long, default_value_t = 1000.0)]
     pub(crate) rate: f64,
+    /// scale-out: gateway instances, one measurement per count.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub(crate) instances: Vec<usize>,
     /// is-online: per-user messages/s published while the queries run (and without them, for comparison).
     /// soak: the per-user rate of the whole run.
     #[arg(long, default_value_t = 5000.0)]
@@ -95,7 +102,7 @@ pub(crate) struct Args {
     /// soak: seconds per sampling window.
     #[arg(long, default_value_t = 30.0)]
     pub(crate) sample_secs: f64,
-    /// per-user and broadcast-latency: seconds of publishing per measurement. recovery-storm:
+    /// per-user, scale-out and broadcast-latency: seconds of publishing per measurement. recovery-storm:
     /// seconds of publishing before the first instance is killed.
     #[arg(long, default_value_t = 10.0)]
     pub(crate) secs: f64,
@@ -143,6 +150,10 @@ impl Args {
             self.scenario.name()
         );
         ensure!(
+            self.instances.iter().all(|&k| k > 0),
+            "--instances must be > 0"
+        );
+        ensure!(
             self.rates.iter().all(|&r| r > 0.0)
                 && self.rate > 0.0
                 && self.repeats != Some(0)
@@ -152,6 +163,11 @@ impl Args {
             "rates, repeats and durations must be > 0"
         );
         Ok(())
+    }
+
+    /// The value the command line gives a gateway setting (`delivery.enabled`), if any.
+    pub(crate) fn setting(&self, key: &str) -> Option<&str> {
+        setting_in(&self.gateway_settings, key)
     }
 
     /// The servers measured (`--targets`).

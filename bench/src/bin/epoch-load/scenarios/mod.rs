@@ -4,7 +4,7 @@
 //!
 //! Each scenario is a [`Measure`]: its own figures type, how it measures one server, and its headline
 //! figures. The publisher and the per-user windows several scenarios share are in [`publish`]. The
-//! gateway-only scenario `recovery-storm` starts more instances of the gateway on the
+//! gateway-only scenarios (`recovery-storm`, `scale-out`) start more instances of the gateway on the
 //! target's nats-server ([`Target::start_gateway`]), all on one subject prefix, presence bucket and event
 //! stream, and fail the run when a delivery promise is broken ([`Measure::failures`]).
 
@@ -15,6 +15,7 @@ mod per_user;
 mod publish;
 mod reconnect;
 mod recovery_storm;
+mod scale_out;
 mod soak;
 
 use std::net::SocketAddr;
@@ -95,6 +96,7 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
         Scenario::IsOnline => measure::<is_online::IsOnline>(args).await,
         Scenario::Soak => measure::<soak::Soak>(args).await,
         Scenario::RecoveryStorm => measure::<recovery_storm::RecoveryStorm>(args).await,
+        Scenario::ScaleOut => measure::<scale_out::ScaleOut>(args).await,
     }
 }
 
@@ -255,6 +257,14 @@ impl Target {
     /// The target's own gateway (none for the baseline).
     pub(crate) fn gateway(&self) -> Option<&Gateway> {
         self.gateway.as_ref()
+    }
+
+    /// Where sockets of this target's kind reach the instance at `addr`.
+    pub(crate) fn endpoint_at(&self, addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr,
+            ..self.endpoint.clone()
+        }
     }
 
     /// A page of the monitoring endpoint of the gateway's nats-server (`/jsz`, `/connz`).
