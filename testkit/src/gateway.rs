@@ -249,15 +249,13 @@ impl Gateway {
 
     pub async fn metric(&self, name_and_labels: &str) -> f64 {
         let body = self.http_body("/metrics").await;
-        body.lines()
-            .find_map(|line| {
-                line.strip_prefix(name_and_labels)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
+        metric_in(&body, name_and_labels)
             .unwrap_or_else(|| panic!("metric {name_and_labels} not found in:\n{body}"))
+    }
+
+    /// The value of one series of `/metrics`, or `None` when the gateway does not answer or lacks it.
+    pub async fn try_metric(&self, name_and_labels: &str) -> Option<f64> {
+        metric_in(&self.http_body("/metrics").await, name_and_labels)
     }
 
     pub async fn anonymous(&self) -> PhxClient {
@@ -310,6 +308,25 @@ impl Gateway {
         self.process.signal(signal);
     }
 
+    /// Kills the process with SIGKILL (an instance dies: no shutdown, no goodbye to NATS) and reaps it.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Shuts the gateway down as an orchestrator does (SIGTERM: sockets closed, presence records purged)
+    /// and waits up to `within` for it to exit; false when it did not (dropping it then kills it).
+    pub async fn stop(&mut self, within: Duration) -> bool {
+        self.signal("TERM");
+        let deadline = Instant::now() + within;
+        while self.process.try_wait().is_none() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Waits for the process to exit and returns its exit code.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
         let deadline = Instant::now() + within;
@@ -325,6 +342,17 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// The value of the series `name_and_labels` (`name{label="value"}` as rendered) in a `/metrics` body.
+pub fn metric_in(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        line.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 pub fn now() -> u64 {
@@ -348,7 +376,7 @@ pub fn sign(claims: &Value, algorithm: jsonwebtoken::Algorithm, secret: &str) ->
     .unwrap()
 }
 
-/// Minimal HTTP/1.1 GET, enough for status codes and small bodies.
+/// Minimal HTTP/1.1 GET, enough for status codes and bodies of a few pages (plain or chunked).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
@@ -364,9 +392,44 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .ok()?;
     let text = String::from_utf8_lossy(&response).into_owned();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head.lines().any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("transfer-encoding") && value.trim() == "chunked"
+        })
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
     Some((status, body))
+}
+
+/// The body of a `Transfer-Encoding: chunked` response (Go's servers send larger pages that way).
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dechunk;
+
+    #[test]
+    fn a_chunked_body_is_joined() {
+        assert_eq!(
+            dechunk("5\r\n{\"a\":\r\n3;x=1\r\n 1}\r\n0\r\n\r\n").as_deref(),
+            Some("{\"a\": 1}")
+        );
+        assert_eq!(dechunk("5\r\nab"), None);
+    }
 }

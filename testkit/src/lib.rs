@@ -19,7 +19,7 @@ mod nats;
 mod phoenix;
 mod process;
 
-pub use gateway::{Echo, Gateway, GatewayOptions, SECRET, http_get, mint, now, sign};
+pub use gateway::{Echo, Gateway, GatewayOptions, SECRET, http_get, metric_in, mint, now, sign};
 pub use nats::{Cluster, Nats, Serves};
 pub use phoenix::{Next, PhxClient, WAIT, Ws, broadcast};
 pub use process::{Process, START_WAIT, free_port, gateway_bin, nats_server_bin, unique, vm_rss};

@@ -5,8 +5,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use anyhow::Result;
+use anyhow::{Context, Result, ensure};
 
+use crate::gateway::http_get;
 use crate::process::{Process, free_port, nats_server_bin, wait_port, workspace_root};
 
 /// How to get nats-server when it cannot be started.
@@ -29,8 +30,10 @@ pub struct Nats {
     pub url: String,
     /// The WebSocket listener of a [`Serves::WebSocket`] server.
     pub websocket: Option<SocketAddr>,
-    /// The monitoring port (`/connz`, `/jsz`, …), when the server was started with one.
-    pub monitor: Option<u16>,
+    /// The HTTP monitoring endpoint (`/varz`, `/connz`, `/jsz`) of a server started with
+    /// [`Nats::launch_monitored`].
+    pub monitoring: Option<SocketAddr>,
+    /// What [`Nats::restart`] starts again: the binary, the client port, the configuration (and its store).
     bin: std::path::PathBuf,
     port: u16,
     conf: std::path::PathBuf,
@@ -49,28 +52,31 @@ impl Nats {
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
-    /// A JetStream server that also serves its monitoring endpoints on [`Self::monitor`].
+    /// A JetStream server that also serves its monitoring endpoints ([`Self::monitoring`]).
     pub fn start_monitored() -> Self {
-        Self::launch_with(
-            &nats_server_bin(),
-            free_port(),
-            Serves::JetStream,
-            Some(free_port()),
-        )
-        .unwrap_or_else(|e| panic!("{e:#}"))
+        Self::launch_monitored(&nats_server_bin(), free_port(), Serves::JetStream)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Starts `bin` on `port` and waits for its listeners.
     pub fn launch(bin: &Path, port: u16, serves: Serves) -> Result<Self> {
-        Self::launch_with(bin, port, serves, None)
+        Self::spawn(bin, port, serves, None)
     }
 
-    fn launch_with(bin: &Path, port: u16, serves: Serves, monitor: Option<u16>) -> Result<Self> {
+    /// [`Nats::launch`] with the HTTP monitoring endpoint on a free loopback port ([`Nats::monitoring`]).
+    pub fn launch_monitored(bin: &Path, port: u16, serves: Serves) -> Result<Self> {
+        Self::spawn(bin, port, serves, Some(free_port()))
+    }
+
+    fn spawn(bin: &Path, port: u16, serves: Serves, monitoring: Option<u16>) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         // Room for the load tool's sockets (19,500) on the WebSocket listener, and 1 MiB messages.
         let mut conf = format!(
             "listen: \"127.0.0.1:{port}\"\nmax_payload: 1048576\nmax_connections: 100000\n"
         );
+        if let Some(http_port) = monitoring {
+            conf.push_str(&format!("http: \"127.0.0.1:{http_port}\"\n"));
+        }
         let ws_port = (serves == Serves::WebSocket).then(free_port);
         match ws_port {
             None => conf.push_str(&format!(
@@ -81,21 +87,23 @@ impl Nats {
                 "websocket {{\n  listen: \"127.0.0.1:{ws_port}\"\n  no_tls: true\n}}\n"
             )),
         }
-        if let Some(monitor) = monitor {
-            conf.push_str(&format!("http: \"127.0.0.1:{monitor}\"\n"));
-        }
         let conf_path = dir.path().join("nats.conf");
         std::fs::write(&conf_path, conf)?;
         let process = spawn(bin, &conf_path, port)?;
-        if let Some(ws_port) = ws_port {
-            wait_port(ws_port, "nats-server's WebSocket listener")?;
+        for (extra, what) in [
+            (ws_port, "nats-server's WebSocket listener"),
+            (monitoring, "nats-server's monitoring endpoint"),
+        ] {
+            if let Some(extra) = extra {
+                wait_port(extra, what)?;
+            }
         }
-        let websocket = ws_port.map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         Ok(Self {
             process,
             url: format!("nats://127.0.0.1:{port}"),
-            websocket,
-            monitor,
+            websocket: ws_port.map(loopback),
+            monitoring: monitoring.map(loopback),
             bin: bin.to_owned(),
             port,
             conf: conf_path,
@@ -109,32 +117,23 @@ impl Nats {
         self.process = spawn(&self.bin, &self.conf, self.port).unwrap_or_else(|e| panic!("{e:#}"));
     }
 
-    /// The JSON of a monitoring endpoint, e.g. `/connz?subs=1`.
+    /// [`Self::monitoring_json`] for tests: panics when the page cannot be had.
     pub async fn monitoring(&self, path: &str) -> serde_json::Value {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let port = self
-            .monitor
-            .expect("a server started with a monitoring port");
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        self.monitoring_json(path)
             .await
-            .unwrap();
-        // HTTP/1.0: the whole body, never chunked, then the end of the connection.
-        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = Vec::new();
-        tokio::time::timeout(crate::WAIT, stream.read_to_end(&mut response))
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// A JSON page of the monitoring endpoint (`/jsz`, `/connz?subs=1`, …) of a monitored server.
+    pub async fn monitoring_json(&self, path: &str) -> Result<serde_json::Value> {
+        let addr = self
+            .monitoring
+            .context("nats-server was started without its monitoring endpoint")?;
+        let (status, body) = http_get(addr, path)
             .await
-            .expect("the monitoring endpoint answers in time")
-            .unwrap();
-        let text = String::from_utf8_lossy(&response);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        assert!(
-            head.lines()
-                .next()
-                .is_some_and(|status| status.contains(" 200 ")),
-            "{path}: {head}"
-        );
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+            .with_context(|| format!("GET {path} from nats-server's monitoring endpoint"))?;
+        ensure!(status == 200, "GET {path}: status {status}");
+        Ok(serde_json::from_str(&body)?)
     }
 
     pub async fn client(&self) -> async_nats::Client {

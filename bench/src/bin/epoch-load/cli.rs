@@ -30,6 +30,29 @@ pub(crate) enum Scenario {
     /// `--sample-secs`: the server's RSS, open file descriptors and threads after each window, and the
     /// window's latency. Growth is judged from the end of the first window to the end of the last.
     Soak,
+    /// Gateway only. Two instances A and B on one event stream; N anonymous sockets join `user:public` on A
+    /// with positions while events are published at `--rate`; after `--secs` A is killed (SIGKILL) and
+    /// every socket reconnects to B and rejoins with `since`: time until all are recovered and at the live
+    /// head, events lost and duplicated (the run fails on any), recoveries by outcome, JetStream API
+    /// requests, B's CPU.
+    RecoveryStorm,
+    /// Gateway only. For each of `--instances` K: K instances on one nats-server, N authenticated sockets
+    /// round-robin over them (user i joins `user:<i>`), per-user messages at each of `--rates` for `--secs`:
+    /// the NATS messages each instance received as a share of those published, its CPU, p99, and 0 lost.
+    ScaleOut,
+}
+
+impl Scenario {
+    /// The scenario's name on the command line (`recovery-storm`).
+    pub(crate) fn name(self) -> String {
+        self.to_possible_value()
+            .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_owned())
+    }
+
+    /// Scenarios that nats-server's WebSocket listener has no equivalent for.
+    pub(crate) fn gateway_only(self) -> bool {
+        matches!(self, Self::RecoveryStorm | Self::ScaleOut)
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -55,12 +78,18 @@ pub(crate) struct Args {
     /// how many the tool keeps in flight).
     #[arg(long, default_value_t = 256)]
     pub(crate) concurrency: usize,
-    /// Which servers to measure.
-    #[arg(long, value_enum, default_value_t = Targets::Both)]
-    pub(crate) targets: Targets,
-    /// per-user: offered messages per second, one measurement per rate.
+    /// Which servers to measure: by default both, the gateway alone for recovery-storm and scale-out.
+    #[arg(long, value_enum)]
+    pub(crate) targets: Option<Targets>,
+    /// per-user and scale-out: offered messages per second, one measurement per rate.
     #[arg(long, value_delimiter = ',', default_value = "5000")]
     pub(crate) rates: Vec<f64>,
+    /// recovery-storm: events per second published on user.public, before and during the storm.
+    #[arg(long, default_value_t = 1000.0)]
+    pub(crate) rate: f64,
+    /// scale-out: gateway instances, one measurement per count.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub(crate) instances: Vec<usize>,
     /// is-online: per-user messages/s published while the queries run (and without them, for comparison).
     /// soak: the per-user rate of the whole run.
     #[arg(long, default_value_t = 5000.0)]
@@ -73,7 +102,8 @@ pub(crate) struct Args {
     /// soak: seconds per sampling window.
     #[arg(long, default_value_t = 30.0)]
     pub(crate) sample_secs: f64,
-    /// per-user and broadcast-latency: seconds of publishing per measurement.
+    /// per-user, scale-out and broadcast-latency: seconds of publishing per measurement. recovery-storm:
+    /// seconds of publishing before the first instance is killed.
     #[arg(long, default_value_t = 10.0)]
     pub(crate) secs: f64,
     /// broadcast: seconds per offered-rate step.
@@ -115,7 +145,17 @@ impl Args {
             "at most 19,500 sockets: this process holds every client end (open-file limit 20,000)"
         );
         ensure!(
+            !(self.scenario.gateway_only() && self.targets.is_some_and(|t| t != Targets::Gateway)),
+            "{} runs on the gateway only: nats-server's WebSocket listener has no equivalent",
+            self.scenario.name()
+        );
+        ensure!(
+            self.instances.iter().all(|&k| k > 0),
+            "--instances must be > 0"
+        );
+        ensure!(
             self.rates.iter().all(|&r| r > 0.0)
+                && self.rate > 0.0
                 && self.repeats != Some(0)
                 && self.secs > 0.0
                 && self.step_secs > 0.0
@@ -123,6 +163,20 @@ impl Args {
             "rates, repeats and durations must be > 0"
         );
         Ok(())
+    }
+
+    /// The value the command line gives a gateway setting (`delivery.enabled`), if any.
+    pub(crate) fn setting(&self, key: &str) -> Option<&str> {
+        setting_in(&self.gateway_settings, key)
+    }
+
+    /// The servers measured (`--targets`).
+    pub(crate) fn targets(&self) -> Targets {
+        match self.targets {
+            Some(targets) => targets,
+            None if self.scenario.gateway_only() => Targets::Gateway,
+            None => Targets::Both,
+        }
     }
 
     /// Rounds of windows (`--repeats`), by default 3 for is-online and 1 otherwise.
@@ -134,6 +188,16 @@ impl Args {
                 1
             })
     }
+}
+
+/// The last value of the setting `key` (`delivery.enabled`) among `settings` (`EPOCH_GATEWAY__…` names).
+pub(crate) fn setting_in<'a>(settings: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    let name = epoch_gateway::config::env_var(key);
+    settings
+        .iter()
+        .rev()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// `section.key=value` → (`EPOCH_GATEWAY__SECTION__KEY`, `value`).

@@ -18,7 +18,10 @@
 //!
 //! Scenarios: `idle`, `broadcast`, `broadcast-latency`, `per-user`, `reconnect`, `is-online` (nats-server
 //! has no `is_online`: its baseline is the control, `PING`s where the gateway gets heartbeats) and `soak`
-//! (gateway only in `scripts/bench.sh`). `scripts/bench.sh` runs them all at the sizes of
+//! (gateway only in `scripts/bench.sh`); and, on the gateway alone, the delivery scenarios of the event
+//! stream (CONTRACT §8): `recovery-storm` (an instance killed under its sockets, which rejoin another with
+//! `since`; the run fails on any event lost or duplicated) and `scale-out` (what each of 1, 2, 4 instances
+//! receives from NATS with interest-based ingress). `scripts/bench.sh` runs them all at the sizes of
 //! docs/benchmarks.md; `scripts/bench.sh --smoke` runs them small, for CI.
 //!
 //! # Layout

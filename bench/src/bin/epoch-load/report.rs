@@ -19,6 +19,8 @@ pub(crate) struct Report<'a, F> {
     pub(crate) args: &'a Args,
     pub(crate) cpus: usize,
     pub(crate) headlines: &'a [Headline],
+    /// Promises of the gateway the run found broken (the run failed): empty when it passed.
+    pub(crate) failures: &'a [String],
     pub(crate) gateway: Option<&'a TargetReport<F>>,
     pub(crate) baseline: Option<&'a TargetReport<F>>,
 }
@@ -51,7 +53,7 @@ pub(crate) struct Opened {
 }
 
 impl Opened {
-    pub(crate) fn of(held: &Held) -> Self {
+    pub(crate) fn of<T: 'static>(held: &Held<T>) -> Self {
         Self {
             sockets_opened: held.opened,
             sockets_failed: held.failed,
@@ -116,6 +118,15 @@ impl<'a, F> Headlines<'a, F> {
             "—",
             None::<fn(f64, Option<f64>) -> bool>,
         );
+    }
+
+    /// A count whose target is 0 (messages lost, sockets closed).
+    pub(crate) fn zero(
+        &mut self,
+        figure: impl Into<String>,
+        value: impl Fn(&TargetReport<F>) -> f64,
+    ) {
+        self.judged(figure, value, "0", |g, _| g == 0.0);
     }
 
     /// A figure judged against `target` by `met(gateway's value, gateway / baseline)`.

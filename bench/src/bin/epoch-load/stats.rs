@@ -52,6 +52,12 @@ const SUB_BITS: u32 = 6;
 /// Octaves above [`LINEAR`] (up to 2^64 µs).
 const OCTAVES: usize = 64;
 
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl LatencyHistogram {
     pub(crate) fn new() -> Self {
         Self {

@@ -4,9 +4,12 @@
 //!
 //! - [`phoenix`]: the gateway's sockets, Phoenix V2 like phoenix.js.
 //! - [`nats_ws`]: the baseline's sockets, the NATS protocol over nats-server's WebSocket listener.
+//! - [`recovering`]: the recovery storm's sockets, which reconnect to another instance and rejoin with
+//!   `since` when theirs dies, and check that no event is lost or duplicated.
 
 pub(crate) mod nats_ws;
 pub(crate) mod phoenix;
+pub(crate) mod recovering;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -198,9 +201,9 @@ async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: Cancellat
     }
 }
 
-/// Sockets held open, and how opening them went.
-pub(crate) struct Held {
-    tasks: JoinSet<()>,
+/// Sockets held open, and how opening them went; each socket's task ends with a `T`.
+pub(crate) struct Held<T = ()> {
+    tasks: JoinSet<T>,
     stop: CancellationToken,
     pub(crate) opened: u64,
     pub(crate) failed: u64,
@@ -208,45 +211,78 @@ pub(crate) struct Held {
     pub(crate) secs: f64,
 }
 
-impl Held {
+impl<T: 'static> Held<T> {
     pub(crate) fn connect_rate(&self) -> f64 {
         self.opened as f64 / self.secs
     }
 
     /// Drops every socket at once (the tasks end, their streams close).
-    pub(crate) async fn drop_all(mut self) {
+    pub(crate) async fn drop_all(self) {
+        self.stop_all().await;
+    }
+
+    /// Stops every socket's task at once and returns what each ended with.
+    pub(crate) async fn stop_all(mut self) -> Vec<T> {
         self.stop.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        let mut ended = Vec::with_capacity(self.tasks.len());
+        while let Some(result) = self.tasks.join_next().await {
+            if let Ok(value) = result {
+                ended.push(value);
+            }
+        }
+        ended
     }
 }
 
-/// Opens `n` sockets with `concurrency` handshakes in flight; each is then held by its own task.
+/// Opens `n` sockets, socket `i` on `endpoints[i % endpoints.len()]` (round-robin), with `concurrency`
+/// handshakes in flight; each is then held by its own task.
 pub(crate) async fn open_all(
-    endpoint: &Endpoint,
+    endpoints: &[Endpoint],
     n: u64,
     concurrency: usize,
     stats: &Arc<Stats>,
 ) -> Held {
+    let endpoint = |i: u64| &endpoints[(i % endpoints.len() as u64) as usize];
+    open_each(
+        n,
+        concurrency,
+        |i| {
+            let endpoint = endpoint(i).clone();
+            async move { open_one(&endpoint, i).await }
+        },
+        |i, ws, stop| hold(ws, endpoint(i).kind, i, stats.clone(), stop),
+    )
+    .await
+}
+
+/// Opens `n` sockets with `open(i)`, `concurrency` of them in flight, each bounded by `OPEN_WAIT`; each
+/// socket opened is then held by the task `hold(i, socket, stop)`, which ends when `stop` is cancelled.
+pub(crate) async fn open_each<S, T, Opening, Holding>(
+    n: u64,
+    concurrency: usize,
+    open: impl Fn(u64) -> Opening,
+    hold: impl Fn(u64, S, CancellationToken) -> Holding,
+) -> Held<T>
+where
+    Opening: Future<Output = Result<S>>,
+    Holding: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let started = Instant::now();
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let (mut opened, mut failed, mut first_error) = (0, 0, None);
     let mut results = futures::stream::iter(0..n)
         .map(|i| {
-            let endpoint = endpoint.clone();
-            async move {
-                (
-                    i,
-                    tokio::time::timeout(OPEN_WAIT, open_one(&endpoint, i)).await,
-                )
-            }
+            let opening = open(i);
+            async move { (i, tokio::time::timeout(OPEN_WAIT, opening).await) }
         })
         .buffer_unordered(concurrency.max(1));
     while let Some((i, result)) = results.next().await {
         match result {
-            Ok(Ok(ws)) => {
+            Ok(Ok(socket)) => {
                 opened += 1;
-                tasks.spawn(hold(ws, endpoint.kind, i, stats.clone(), stop.clone()));
+                tasks.spawn(hold(i, socket, stop.clone()));
             }
             Ok(Err(error)) => {
                 failed += 1;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use epoch_bench::rng::Rng;
+use tokio_util::sync::CancellationToken;
 
 use super::{PREFIX, Target};
 use crate::stats::{Pooled, Stats, counts_between, cpu_percent, sample, sample_self, stamped_body};
@@ -30,11 +31,31 @@ pub(super) async fn publish(
     subject: impl Fn(u64) -> String,
 ) -> Result<u64> {
     let total = (rate * secs).round() as u64;
+    publish_until(
+        client,
+        rate,
+        total,
+        &CancellationToken::new(),
+        first_seq,
+        subject,
+    )
+    .await
+}
+
+/// [`publish`] of at most `total` messages, until `stop` is cancelled; returns how many were sent.
+pub(super) async fn publish_until(
+    client: &async_nats::Client,
+    rate: f64,
+    total: u64,
+    stop: &CancellationToken,
+    first_seq: u64,
+    subject: impl Fn(u64) -> String,
+) -> Result<u64> {
     let started = tokio::time::Instant::now();
     let mut sent = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    while sent < total {
+    while sent < total && !stop.is_cancelled() {
         tick.tick().await;
         let due = ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
         while sent < due {
@@ -71,12 +92,13 @@ pub(super) async fn drain(stats: &Stats, cap: Duration) -> Instant {
 }
 
 /// One window of per-user messages: what was sent and delivered, the deliveries' latency counts, and the CPU
-/// of the server and of this tool while publishing.
+/// of the server (of each of the servers sampled) and of this tool while publishing.
 pub(super) struct Window {
     pub(super) sent: u64,
     pub(super) delivered: u64,
     pub(super) counts: Vec<u64>,
     pub(super) server_cpu: f64,
+    pub(super) servers_cpu: Vec<f64>,
     pub(super) tool_cpu: f64,
 }
 
@@ -90,9 +112,25 @@ pub(super) async fn per_user_window(
     seq: u64,
     users: u64,
 ) -> Result<Window> {
+    per_user_window_over(target, &[target.pid], stats, rate, secs, seq, users).await
+}
+
+/// [`per_user_window`] with the CPU of each of `servers` sampled (`server_cpu` is the first's).
+pub(super) async fn per_user_window_over(
+    target: &Target,
+    servers: &[u32],
+    stats: &Stats,
+    rate: f64,
+    secs: f64,
+    seq: u64,
+    users: u64,
+) -> Result<Window> {
     let hist = stats.latency.snapshot();
     let count = stats.delivered.load(Ordering::Relaxed);
-    let from = sample(target.pid)?;
+    let from = servers
+        .iter()
+        .map(|&pid| sample(pid))
+        .collect::<Result<Vec<_>>>()?;
     let tool_from = sample_self()?;
     let rng = Mutex::new(Rng::seeded(USERS_SEED));
     let sent = publish(&target.client, rate, secs, seq, |_| {
@@ -100,14 +138,19 @@ pub(super) async fn per_user_window(
         format!("{PREFIX}.user.{user}")
     })
     .await?;
-    let server_cpu = cpu_percent(from, sample(target.pid)?);
+    let servers_cpu = servers
+        .iter()
+        .zip(from)
+        .map(|(&pid, from)| Ok(cpu_percent(from, sample(pid)?)))
+        .collect::<Result<Vec<_>>>()?;
     let tool_cpu = cpu_percent(tool_from, sample_self()?);
     drain(stats, WINDOW_DRAIN_CAP).await;
     Ok(Window {
         sent,
         delivered: stats.delivered.load(Ordering::Relaxed) - count,
         counts: counts_between(&hist, &stats.latency.snapshot()),
-        server_cpu,
+        server_cpu: servers_cpu.first().copied().unwrap_or(f64::NAN),
+        servers_cpu,
         tool_cpu,
     })
 }

@@ -112,23 +112,15 @@ impl Measure for Soak {
             "within ±10 %",
             |g, _| g.abs() <= 10.0,
         );
-        rows.judged(
-            "  … open file descriptors change",
-            |r| r.figures.soak.fds_change as f64,
-            "0",
-            |g, _| g == 0.0,
-        );
+        rows.zero("  … open file descriptors change", |r| {
+            r.figures.soak.fds_change as f64
+        });
         rows.judged(
             "  … threads change",
             |r| r.figures.soak.threads_change as f64,
             "no growth",
             |g, _| g <= 0.0,
         );
-        rows.judged(
-            "  … messages lost",
-            |r| r.figures.soak.lost as f64,
-            "0",
-            |g, _| g == 0.0,
-        );
+        rows.zero("  … messages lost", |r| r.figures.soak.lost as f64);
     }
 }
