@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Load benchmark of the gateway against nats-server's own WebSocket listener (docs/benchmarks.md).
 #
-#   scripts/bench.sh           the full run: every scenario at the sizes of issue 6 (about 25 minutes, 10 of
+#   scripts/bench.sh           the full run: every scenario at the sizes of issue 6 (about 27 minutes, 10 of
 #                              them the soak),
 #                              reports in target/bench/*.json, plot in docs/benchmarks-latency.png
 #   scripts/bench.sh --smoke   200 sockets, a few seconds per scenario, no plot (CI: keeps the tool alive)
 #
 # Builds the gateway and the load tool (crate epoch-bench, bench/) in release mode and installs nats-server
-# if needed; each scenario starts and stops its own nats-server and gateway. Exit status: non-zero when the
-# tool fails (a process does not start, sockets cannot be opened, ...), not when a figure misses its
-# target: the targets are judged in docs/benchmarks.md, against the baseline measured in the same run.
+# if needed; each scenario starts and stops its own nats-server and gateway(s). Exit status: non-zero when
+# the tool fails (a process does not start, sockets cannot be opened, ...) and when a delivery scenario
+# (recovery-storm, scale-out) finds an event lost or duplicated, a recovery refused or a socket closed; not
+# when a figure misses its target: the targets are judged in docs/benchmarks.md, against the baseline
+# measured in the same run. The delivery scenarios run on the gateway alone (nats-server's WebSocket
+# listener has no equivalent) and come last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,6 +48,10 @@ if [ "$smoke" = 1 ]; then
   run smoke-reconnect reconnect "${small[@]}"
   run smoke-is-online is-online "${small[@]}" --rates 500 --per-user-rate 200 --secs 2 --repeats 2
   run smoke-soak soak --targets gateway "${small[@]}" --per-user-rate 200 --secs 4 --sample-secs 2
+  run smoke-recovery-storm recovery-storm "${small[@]}" --rate 250 --secs 2
+  run smoke-scale-out scale-out "${small[@]}" --rates 500 --secs 2 --instances 1,2,4
+  run smoke-scale-out-core scale-out "${small[@]}" --rates 500 --secs 2 --instances 1,2,4 \
+    --gateway-setting delivery.enabled=false
   echo
   echo "smoke: every scenario ran; reports in $out/smoke-*.json"
   exit 0
@@ -67,3 +74,13 @@ if ! PYTHONPATH=.tools/py python3 -c 'import matplotlib' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check --target .tools/py matplotlib
 fi
 PYTHONPATH=.tools/py python3 scripts/plot_bench.py "$out" docs/benchmarks-latency.png
+
+# Delivery (CONTRACT §8), gateway only. An instance killed under 10,000 sockets on user:public, which
+# reconnect to the other and rejoin with since: 50 events/s are 500,000 deliveries/s to 10,000 sockets
+# (1,000/s would be 10 million, far past what one instance delivers), and each rejoin replays what its
+# socket missed while it reconnected.
+run recovery-storm recovery-storm --sockets 10000 --rate 50
+# What each instance receives from NATS with 1, 2 and 4 instances: interest-based, then the core NATS path.
+run scale-out scale-out --sockets 10000 --rates 5000 --instances 1,2,4
+run scale-out-core scale-out --sockets 10000 --rates 5000 --instances 1,2,4 \
+  --gateway-setting delivery.enabled=false

@@ -37,8 +37,9 @@ pub(crate) enum Scenario {
     /// requests, B's CPU.
     RecoveryStorm,
     /// Gateway only. For each of `--instances` K: K instances on one nats-server, N authenticated sockets
-    /// round-robin over them (user i joins `user:<i>`), per-user messages at each of `--rates` for `--secs`:
-    /// the NATS messages each instance received as a share of those published, its CPU, p99, and 0 lost.
+    /// round-robin over them (user i's socket joins `user:public`, `user:role` and `user:<i>`), per-user
+    /// messages at each of `--rates` for `--secs`: the NATS messages each instance received as a share of
+    /// those published, its CPU, p99, and 0 lost.
     ScaleOut,
 }
 
@@ -75,7 +76,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 10_000)]
     pub(crate) sockets: u64,
     /// Handshakes in flight while sockets are opened (a reconnect storm is "everyone at once"; this is
-    /// how many the tool keeps in flight).
+    /// how many the tool keeps in flight). recovery-storm: also the reconnect handshakes in flight.
     #[arg(long, default_value_t = 256)]
     pub(crate) concurrency: usize,
     /// Which servers to measure: by default both, the gateway alone for recovery-storm and scale-out.
