@@ -30,17 +30,16 @@
 //!   [`presence::task`] runs them.
 //! - [`revocation`]: revoked token ids in a KV bucket, followed by a watch; `logout` writes them.
 //! - [`delivery`]: the event stream (nothing lost, positions, recovery): its settings and epoch, the
-//!   ingress that follows it ([`delivery::live`]), the reads back, the hot windows.
+//!   ingress that follows it ([`delivery::live`]), the reads back, the hot windows, and publishing with an
+//!   acknowledgement ([`delivery::publish`], the `publish` command).
 //! - [`ws`]: the WebSocket endpoint and the state its sessions share, the per-socket session, the channel
 //!   logic.
 //! - [`http`]: the router (`/socket/websocket`, `/healthz`, `/readyz`, `/metrics`).
 //! - [`app`]: wiring and ordered shutdown.
-//! - [`publish`]: the `publish` command: one event stored in the event stream with an acknowledgement,
-//!   retried with the same `Nats-Msg-Id`.
 //!
 //! # Who may import whom
 //! Each line may use the lines above it and nothing below, so no module imports a module that imports
-//! it. Only `broker`, `presence`, `revocation`, `delivery` and `publish` name `async_nats`.
+//! it. Only `broker`, `presence`, `revocation` and `delivery` name `async_nats`.
 //!
 //! ```text
 //! protocol, topic, limits            leaves: std and libraries only
@@ -55,7 +54,6 @@
 //!                                    revocation, topic
 //! http                               broker, delivery, metrics, ws
 //! app                                everything above; imported by nobody but `main`
-//! publish                            broker (ingress limits), protocol, topic; imported by nobody but `main`
 //! ```
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order, so that whatever is
@@ -90,7 +88,6 @@ pub mod limits;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
-pub mod publish;
 pub mod revocation;
 pub mod telemetry;
 pub mod topic;

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use epoch_gateway::app::Application;
 use epoch_gateway::auth::Authenticator;
 use epoch_gateway::config::{Environment, Settings};
-use epoch_gateway::publish::{self, Envelope, MessageId};
+use epoch_gateway::delivery::publish::{self, Envelope, MessageId};
 use epoch_gateway::telemetry;
 use epoch_gateway::topic::{Topic, UserId};
 

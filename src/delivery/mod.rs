@@ -16,11 +16,14 @@
 //! - [`reader`]: reading a range of stored events back, retried until it is proven complete.
 //! - [`window`]: recent events of hot topics in memory, for reconnect storms.
 //! - [`recovery`]: whether a join with `since` can be replayed, and why not.
+//! - [`live`]: the stream at run time: the ingress that follows it, the state joins read, recoveries.
+//! - [`publish`]: one event stored with an acknowledgement (the `publish` command).
 //!
-//! Only [`stream`] and [`reader`] talk to NATS; the others are pure.
+//! [`stream`], [`reader`], [`live`] and [`publish`] talk to NATS; the others are pure.
 
 pub mod live;
 pub mod position;
+pub mod publish;
 pub mod reader;
 pub mod recovery;
 pub mod stream;
