@@ -412,39 +412,61 @@ async fn not_recovered(gw: &Gateway, nats: &async_nats::Client, since: Value) {
     live_event_is_next(gw, nats, &mut socket).await;
 }
 
+/// A gateway (with one delivery setting, or none) on its own nats-server, a publisher, and a witness
+/// socket of [`USER`].
+struct Fixture {
+    gw: Gateway,
+    publisher: async_nats::Client,
+    witness: Witness,
+    _nats: Nats,
+}
+
+impl Fixture {
+    async fn start(setting: Option<(&str, &str)>) -> Self {
+        let nats = Nats::start();
+        let options = match setting {
+            Some((key, value)) => GatewayOptions::default().env(key, value),
+            None => GatewayOptions::default(),
+        };
+        let gw = Gateway::start_with(&nats.url, options).await;
+        let publisher = nats.client().await;
+        let witness = Witness::on(&gw).await;
+        Self {
+            gw,
+            publisher,
+            witness,
+            _nats: nats,
+        }
+    }
+
+    /// Publishes `count` numbered events from `from` (seen by the witness) and returns the position before
+    /// them.
+    async fn events_after_now(&mut self, from: u64, count: u64) -> String {
+        let since = position_now(&self.gw).await;
+        self.witness
+            .publish(&self.gw, &self.publisher, from, count)
+            .await;
+        since
+    }
+}
+
 #[tokio::test]
 async fn a_history_trimmed_past_since_is_not_recovered() {
-    let nats = Nats::start();
-    let gw = Gateway::start_with(
-        &nats.url,
-        GatewayOptions::default().env("EPOCH_GATEWAY__DELIVERY__HISTORY_PER_TOPIC", "5"),
-    )
-    .await;
-    let publisher = nats.client().await;
-    let mut witness = Witness::on(&gw).await;
+    let mut f = Fixture::start(Some(("EPOCH_GATEWAY__DELIVERY__HISTORY_PER_TOPIC", "5"))).await;
     // Fewer events after the position than the topic keeps: recovered.
-    let since = position_now(&gw).await;
-    witness.publish(&gw, &publisher, 0, 4).await;
-    recovers(&gw, &publisher, &since, &[0, 1, 2, 3]).await;
+    let since = f.events_after_now(0, 4).await;
+    recovers(&f.gw, &f.publisher, &since, &[0, 1, 2, 3]).await;
     // More than it keeps: the oldest after the position is gone.
-    let since = position_now(&gw).await;
-    witness.publish(&gw, &publisher, 4, 6).await;
-    not_recovered(&gw, &publisher, json!(since)).await;
+    let since = f.events_after_now(4, 6).await;
+    not_recovered(&f.gw, &f.publisher, json!(since)).await;
 }
 
 #[tokio::test]
 async fn an_expired_history_is_not_recovered() {
-    let nats = Nats::start();
-    let gw = Gateway::start_with(
-        &nats.url,
-        GatewayOptions::default().env("EPOCH_GATEWAY__DELIVERY__HISTORY_SECS", "1"),
-    )
-    .await;
-    let publisher = nats.client().await;
-    let mut witness = Witness::on(&gw).await;
-    let since = position_now(&gw).await;
-    witness.publish(&gw, &publisher, 0, 3).await;
-    recovers(&gw, &publisher, &since, &[0, 1, 2]).await;
+    let mut f = Fixture::start(Some(("EPOCH_GATEWAY__DELIVERY__HISTORY_SECS", "1"))).await;
+    let since = f.events_after_now(0, 3).await;
+    let (gw, publisher) = (&f.gw, &f.publisher);
+    recovers(gw, publisher, &since, &[0, 1, 2]).await;
     // Once the stream has aged every event out.
     let js = jetstream::new(publisher.clone());
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -459,37 +481,25 @@ async fn an_expired_history_is_not_recovered() {
         assert!(Instant::now() < deadline, "the events never expired");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    not_recovered(&gw, &publisher, json!(since)).await;
+    not_recovered(gw, publisher, json!(since)).await;
 }
 
 #[tokio::test]
 async fn more_events_than_max_recover_are_not_recovered() {
-    let nats = Nats::start();
-    let gw = Gateway::start_with(
-        &nats.url,
-        GatewayOptions::default().env("EPOCH_GATEWAY__DELIVERY__MAX_RECOVER", "3"),
-    )
-    .await;
-    let publisher = nats.client().await;
-    let mut witness = Witness::on(&gw).await;
-    let since = position_now(&gw).await;
-    witness.publish(&gw, &publisher, 0, 3).await;
-    recovers(&gw, &publisher, &since, &[0, 1, 2]).await;
-    let since = position_now(&gw).await;
-    witness.publish(&gw, &publisher, 3, 4).await;
-    not_recovered(&gw, &publisher, json!(since)).await;
+    let mut f = Fixture::start(Some(("EPOCH_GATEWAY__DELIVERY__MAX_RECOVER", "3"))).await;
+    let since = f.events_after_now(0, 3).await;
+    recovers(&f.gw, &f.publisher, &since, &[0, 1, 2]).await;
+    let since = f.events_after_now(3, 4).await;
+    not_recovered(&f.gw, &f.publisher, json!(since)).await;
 }
 
 #[tokio::test]
 async fn malformed_positions_are_not_recovered() {
-    let nats = Nats::start();
-    let gw = Gateway::start(&nats.url).await;
-    let publisher = nats.client().await;
-    let mut witness = Witness::on(&gw).await;
-    let since = position_now(&gw).await;
-    witness.publish(&gw, &publisher, 0, 2).await;
+    let mut f = Fixture::start(None).await;
+    let since = f.events_after_now(0, 2).await;
+    let (gw, publisher) = (&f.gw, &f.publisher);
     // The position, well formed, is recovered.
-    recovers(&gw, &publisher, &since, &[0, 1]).await;
+    recovers(gw, publisher, &since, &[0, 1]).await;
     let (epoch, seq) = since.rsplit_once('.').expect("<epoch>.<seq>");
     for bad in [
         json!("12"),
@@ -505,7 +515,7 @@ async fn malformed_positions_are_not_recovered() {
         json!(null),
         json!(true),
     ] {
-        not_recovered(&gw, &publisher, bad).await;
+        not_recovered(gw, publisher, bad).await;
     }
 }
 
