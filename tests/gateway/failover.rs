@@ -377,17 +377,19 @@ async fn live_event_is_next(gw: &Gateway, nats: &async_nats::Client, socket: &mu
     assert_position(&frame[1]);
 }
 
+/// A new socket of [`USER`] joining its topic with `since`; the ok reply's response, asserted ok.
+async fn join_since(gw: &Gateway, since: &Value) -> (PhxClient, Value) {
+    let mut socket = gw.authenticated(USER).await;
+    let topic = format!("user:{USER}");
+    let reply = join_with(&mut socket, &topic, json!({"since": since})).await;
+    assert_eq!(reply[4]["status"], "ok", "{since}: {reply}");
+    (socket, reply[4]["response"].clone())
+}
+
 /// A join with `since` gets `recovered: true`, the events `ns` in order, then live events.
 async fn recovers(gw: &Gateway, nats: &async_nats::Client, since: &str, ns: &[u64]) {
-    let mut socket = gw.authenticated(USER).await;
-    let reply = join_with(
-        &mut socket,
-        &format!("user:{USER}"),
-        json!({"since": since}),
-    )
-    .await;
-    assert_eq!(reply[4]["status"], "ok", "{reply}");
-    assert_eq!(reply[4]["response"]["recovered"], true, "{since}: {reply}");
+    let (mut socket, response) = join_since(gw, &json!(since)).await;
+    assert_eq!(response["recovered"], true, "{since}: {response}");
     for &n in ns {
         let frame = socket.frame().await;
         assert_eq!(frame[4], json!({"n": n}), "{frame}");
@@ -399,16 +401,9 @@ async fn recovers(gw: &Gateway, nats: &async_nats::Client, since: &str, ns: &[u6
 /// A join with `since` is ok with `recovered: false` and a position, replays nothing, and live events
 /// follow.
 async fn not_recovered(gw: &Gateway, nats: &async_nats::Client, since: Value) {
-    let mut socket = gw.authenticated(USER).await;
-    let reply = join_with(
-        &mut socket,
-        &format!("user:{USER}"),
-        json!({"since": since}),
-    )
-    .await;
-    assert_eq!(reply[4]["status"], "ok", "{since}: {reply}");
-    assert_eq!(reply[4]["response"]["recovered"], false, "{since}: {reply}");
-    assert_position(&reply[4]["response"]["position"]);
+    let (mut socket, response) = join_since(gw, &since).await;
+    assert_eq!(response["recovered"], false, "{since}: {response}");
+    assert_position(&response["position"]);
     live_event_is_next(gw, nats, &mut socket).await;
 }
 
