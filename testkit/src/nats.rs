@@ -43,7 +43,16 @@ pub struct Nats {
 impl Nats {
     /// A JetStream server on a free port, from [`nats_server_bin`]; panics when it does not start.
     pub fn start() -> Self {
-        Self::start_on(free_port())
+        // The port is picked free and released before the server binds it: on a collision with another
+        // test, start again on another.
+        let mut last = None;
+        for _ in 0..START_ATTEMPTS {
+            match Self::launch(&nats_server_bin(), free_port(), Serves::JetStream) {
+                Ok(nats) => return nats,
+                Err(error) => last = Some(error),
+            }
+        }
+        panic!("{:#}", last.expect("at least one attempt"))
     }
 
     /// A JetStream server on `port` (a restart on the same port, for outage tests), with an empty store.
@@ -171,9 +180,24 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
 }
 
+/// Attempts at starting a server or a cluster: its ports are picked free and released before the servers
+/// bind them, so another test can take one in between; it is then started again on fresh ports.
+const START_ATTEMPTS: usize = 3;
+
 impl Cluster {
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let mut last = None;
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_start() {
+                Ok(cluster) => return cluster,
+                Err(error) => last = Some(error),
+            }
+        }
+        panic!("{:#}", last.expect("at least one attempt"))
+    }
+
+    fn try_start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
         let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_list = routes
@@ -182,39 +206,36 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join(",");
         let conf_dir = workspace_root().join("nats/cluster");
-        let nodes = ["a", "b", "c"]
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                Process::spawn(
-                    Command::new(nats_server_bin())
-                        .arg("-c")
-                        .arg(conf_dir.join(format!("node-{name}.conf")))
-                        .args(["-p", &clients[i].to_string()])
-                        .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
-                        .args(["--routes", &route_list])
-                        .arg("-sd")
-                        .arg(dir.path().join(name))
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null()),
-                    INSTALL_HINT,
-                )
-                .unwrap_or_else(|e| panic!("{e:#}"))
-            })
-            .collect();
+        let mut nodes = Vec::with_capacity(3);
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            nodes.push(Process::spawn(
+                Command::new(nats_server_bin())
+                    .arg("-c")
+                    .arg(conf_dir.join(format!("node-{name}.conf")))
+                    .args(["-p", &clients[i].to_string()])
+                    .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                    .args(["--routes", &route_list])
+                    .arg("-sd")
+                    .arg(dir.path().join(name))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+                INSTALL_HINT,
+            )?);
+        }
         let urls = clients
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
             .collect();
+        // Dropped on an error below: the nodes started so far are killed.
         let cluster = Self {
             nodes,
             urls,
             _dir: dir,
         };
         for port in clients {
-            wait_port(port, "cluster node").unwrap_or_else(|e| panic!("{e:#}"));
+            wait_port(port, "cluster node")?;
         }
-        cluster
+        Ok(cluster)
     }
 
     pub fn kill(&mut self, node: usize) {
