@@ -524,16 +524,7 @@ async fn a_position_of_another_stream_is_not_recovered() {
     witness.publish(&gw, &publisher, 0, 2).await;
     // Another gateway, another prefix, another stream.
     let other = Gateway::start(&nats.url).await;
-    let foreign = {
-        let mut socket = other.authenticated(USER).await;
-        let reply = join_with(
-            &mut socket,
-            &format!("user:{USER}"),
-            json!({"positions": true}),
-        )
-        .await;
-        assert_position(&reply[4]["response"]["position"])
-    };
+    let foreign = position_now(&other).await;
     assert_ne!(
         foreign.split_once('.').unwrap().0,
         since.split_once('.').unwrap().0,
