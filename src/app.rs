@@ -21,12 +21,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::broker::{self, Nats, ingress};
-use crate::config::Settings;
+use crate::config::{FeedMode, Settings};
 use crate::delivery::live::{self, Delivery};
 use crate::delivery::stream::StreamSpec;
 use crate::http::{self, Readiness};
 use crate::hub::{Hub, Interest, Kick};
 use crate::metrics::Metrics;
+use crate::presence::feed::{self, Feed, FeedOptions};
 use crate::presence::store::{BucketSpec, StoreError};
 use crate::presence::{self, Presence};
 use crate::revocation::{self, Revocations};
@@ -102,13 +103,28 @@ impl Application {
             };
             Delivery::new(options, nats.clone(), Arc::clone(&metrics))
         });
+        // With the feed, presence notes whose instances changed, and the feed turns that into diffs.
+        let (presence, feed) = match settings.presence.feed {
+            FeedMode::Off => (Presence::new(settings.node_id()), None),
+            mode => {
+                let presence = Presence::with_changes(settings.node_id());
+                let options = FeedOptions {
+                    mode,
+                    interval: settings.presence_feed_interval(),
+                    max_users: settings.presence.feed_max_users,
+                };
+                let feed = Feed::new(options, Arc::clone(&presence), Arc::clone(&metrics));
+                (presence, Some(feed))
+            }
+        };
         let services = Services {
             auth,
             hub,
-            presence: Presence::new(settings.node_id()),
+            presence,
             revocations,
             metrics,
             delivery,
+            feed,
         };
         let endpoint = Arc::new(Endpoint::new(
             services,
@@ -214,6 +230,10 @@ impl Application {
             presence_ready,
             presence_stop.clone(),
         ));
+        let feed = endpoint
+            .feed
+            .clone()
+            .map(|f| tokio::spawn(feed::run(f, presence_stop.clone())));
         let revocations = tokio::spawn(revocation::run(
             nats.clone(),
             settings.auth.revoked_bucket.clone(),
@@ -255,6 +275,9 @@ impl Application {
             tracing::warn!("presence records not removed in time; they will expire by TTL");
         }
         let _ = revocations.await;
+        if let Some(feed) = feed {
+            let _ = feed.await;
+        }
         ingress_stop.cancel();
         let _ = ingress.await;
         nats.drain(DRAIN_TIMEOUT).await;

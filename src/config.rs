@@ -40,6 +40,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which sockets may watch the presence feed (`presence_state` and `presence_diff` on `user:public`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeedMode {
+    /// No feed: a join that asks for it is refused.
+    Off,
+    /// Authenticated sockets only.
+    Authenticated,
+    /// Anonymous sockets too, as Phoenix's `presence_diff` broadcasts reach every socket.
+    Everyone,
+}
+
 /// A string that prints as `[redacted]` in `Debug`, `Display` and serialised output.
 #[derive(Clone, Deserialize)]
 #[serde(transparent)]
@@ -184,6 +196,13 @@ pub struct PresenceSettings {
     pub ttl_secs: u64,
     /// Stream replicas of the bucket when the gateway creates it (3 on a 3-node cluster).
     pub replicas: usize,
+    /// Who may join `user:public` with `{"presence": true}` and watch who is online.
+    pub feed: FeedMode,
+    /// At most one `presence_diff` per this many milliseconds; changes in between are merged.
+    pub feed_interval_ms: u64,
+    /// Above this many users online, the feed is suspended: no `presence_state` or `presence_diff` larger
+    /// than this is ever sent.
+    pub feed_max_users: usize,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -270,6 +289,9 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("presence.bucket", "epoch_presence"),
     ("presence.ttl_secs", "30"),
     ("presence.replicas", "1"),
+    ("presence.feed", "off"),
+    ("presence.feed_interval_ms", "1000"),
+    ("presence.feed_max_users", "10000"),
     ("ws.idle_timeout_secs", "60"),
     ("ws.max_message_bytes", "65536"),
     ("ws.outbound_queue", "1024"),
@@ -397,6 +419,26 @@ impl Settings {
         }
         if self.presence.replicas == 0 || self.presence.replicas > 5 {
             return Err(invalid("presence.replicas", "must be between 1 and 5"));
+        }
+        if !FEED_INTERVAL_MS.contains(&self.presence.feed_interval_ms) {
+            return Err(invalid(
+                "presence.feed_interval_ms",
+                format!(
+                    "must be between {} and {}",
+                    FEED_INTERVAL_MS.start(),
+                    FEED_INTERVAL_MS.end()
+                ),
+            ));
+        }
+        if !FEED_MAX_USERS.contains(&self.presence.feed_max_users) {
+            return Err(invalid(
+                "presence.feed_max_users",
+                format!(
+                    "must be between {} and {}",
+                    FEED_MAX_USERS.start(),
+                    FEED_MAX_USERS.end()
+                ),
+            ));
         }
         if !is_key_token(&self.delivery.stream) {
             return Err(invalid(
@@ -537,6 +579,10 @@ impl Settings {
         Duration::from_secs(self.presence.ttl_secs)
     }
 
+    pub fn presence_feed_interval(&self) -> Duration {
+        Duration::from_millis(self.presence.feed_interval_ms)
+    }
+
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.ws.idle_timeout_secs)
     }
@@ -607,6 +653,12 @@ impl AllowedOrigins {
 pub const MIN_PRESENCE_TTL_SECS: u64 = 3;
 /// Node ids go into KV keys; keep them short.
 pub const MAX_NODE_ID_BYTES: usize = 64;
+/// Bounds of `presence.feed_interval_ms`: under 50 ms a diff is hardly a batch; over a minute the list is
+/// stale.
+const FEED_INTERVAL_MS: std::ops::RangeInclusive<u64> = 50..=60_000;
+/// Bounds of `presence.feed_max_users`: a `presence_state` frame is about 50 bytes per user, so the upper
+/// bound keeps one under 50 MB.
+const FEED_MAX_USERS: std::ops::RangeInclusive<usize> = 1..=1_000_000;
 
 /// A list from a file (`["a", "b"]`) or from one environment variable (`"a,b"`).
 fn comma_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {

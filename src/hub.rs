@@ -137,6 +137,32 @@ impl Outbound {
     pub fn new(tx: mpsc::Sender<Queued>, closer: Closer) -> Self {
         Self { tx, closer }
     }
+
+    /// Queues `queued` without waiting. A full queue closes the socket as a slow consumer instead.
+    pub fn offer(&self, queued: Queued) -> Offered {
+        match self.tx.try_send(queued) {
+            Ok(()) => Offered::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.closer.close(Kick::SlowConsumer) {
+                    Offered::Overflowed
+                } else {
+                    Offered::Closing
+                }
+            }
+            // The session is ending and will unsubscribe itself.
+            Err(mpsc::error::TrySendError::Closed(_)) => Offered::Closing,
+        }
+    }
+}
+
+/// What [`Outbound::offer`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    Queued,
+    /// The queue was full: the socket is now closed as a slow consumer.
+    Overflowed,
+    /// The socket is already closing; the frame was dropped.
+    Closing,
 }
 
 /// An authenticated session, as `disconnect` and `logout` find it.
@@ -154,6 +180,17 @@ pub struct Delivery {
     pub queued: usize,
     /// Sockets dropped as slow consumers by this publish.
     pub overflowed: usize,
+}
+
+impl Delivery {
+    /// Counts one socket's outcome.
+    pub fn add(&mut self, offered: Offered) {
+        match offered {
+            Offered::Queued => self.queued += 1,
+            Offered::Overflowed => self.overflowed += 1,
+            Offered::Closing => {}
+        }
+    }
 }
 
 /// A socket on a topic, and whether it asked for positions.
@@ -307,17 +344,7 @@ impl Hub {
             } else {
                 plain.clone()
             };
-            let outbound = &subscriber.outbound;
-            match outbound.tx.try_send(queued) {
-                Ok(()) => delivery.queued += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    if outbound.closer.close(Kick::SlowConsumer) {
-                        delivery.overflowed += 1;
-                    }
-                }
-                // The session is ending and will unsubscribe itself.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
+            delivery.add(subscriber.outbound.offer(queued));
         };
         match topic {
             Topic::Public => subs.public.values().for_each(&mut offer),

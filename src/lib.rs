@@ -27,7 +27,8 @@
 //! - [`broker`]: the NATS connection and its health, [`broker::ingress`] (where a NATS message becomes a
 //!   frame), the KV plumbing and the retry loop shared by presence and revocation.
 //! - [`presence`]: who is online; [`presence::store`] keeps the KV records and the watch,
-//!   [`presence::task`] runs them.
+//!   [`presence::task`] runs them, [`presence::feed`] turns them into `presence_state` and `presence_diff`
+//!   for the sockets that watch.
 //! - [`revocation`]: revoked token ids in a KV bucket, followed by a watch; `logout` writes them.
 //! - [`delivery`]: the event stream (nothing lost, positions, recovery): its settings and epoch, the
 //!   ingress that follows it ([`delivery::live`]), the reads back, the hot windows, and publishing with an
@@ -48,7 +49,7 @@
 //! auth, telemetry                    config, topic
 //! metrics                            auth (failure labels), protocol (close codes), topic (topic kinds)
 //! broker                             hub, metrics, protocol, topic
-//! presence, revocation               auth, broker, metrics, topic
+//! presence, revocation               auth, broker, config, hub, metrics, protocol, topic
 //! delivery                           broker, hub, metrics, protocol, topic
 //! ws                                 auth, config, delivery, hub, limits, metrics, presence, protocol,
 //!                                    revocation, topic

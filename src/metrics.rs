@@ -157,6 +157,32 @@ impl RecoveryOutcome {
     }
 }
 
+enum_with_all! {
+    /// Why a join was not given the presence feed.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum FeedRefusal {
+        /// `presence` not a boolean, or asked for on another topic than `user:public`.
+        BadRequest,
+        /// `presence.feed` is `off`.
+        Off,
+        /// `presence.feed` is `authenticated` and the socket is anonymous.
+        Anonymous,
+        /// More users online than `presence.feed_max_users`.
+        TooManyUsers,
+    }
+}
+
+impl FeedRefusal {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Off => "off",
+            Self::Anonymous => "anonymous",
+            Self::TooManyUsers => "too_many_users",
+        }
+    }
+}
+
 /// Upper bounds of the replay-size histogram's buckets (events per recovery).
 const REPLAY_BUCKETS: [f64; 6] = [0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0];
 
@@ -172,6 +198,7 @@ macro_rules! label_values {
 }
 
 label_values!(
+    FeedRefusal,
     RecoveryOutcome,
     IngressDrop,
     ConnectionKind,
@@ -203,6 +230,11 @@ struct DropLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RecoveryLabels {
     outcome: RecoveryOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FeedRefusalLabels {
+    reason: FeedRefusal,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -304,6 +336,9 @@ pub struct Metrics {
     presence_local_users: Gauge,
     presence_online_users: Gauge,
     presence_write_errors: Counter,
+    presence_feed_watchers: Gauge,
+    presence_feed_diffs: Counter,
+    presence_feed_refusals: Family<FeedRefusalLabels, Counter>,
     delivery_gaps_filled: Counter,
     delivery_caught_up: Counter,
     delivery_replays: Histogram,
@@ -363,6 +398,11 @@ impl Metrics {
             presence_local_users: Gauge::default(),
             presence_online_users: Gauge::default(),
             presence_write_errors: Counter::default(),
+            presence_feed_watchers: Gauge::default(),
+            presence_feed_diffs: Counter::default(),
+            presence_feed_refusals: family_of(FeedRefusal::ALL, |reason| FeedRefusalLabels {
+                reason,
+            }),
             delivery_gaps_filled: Counter::default(),
             delivery_caught_up: Counter::default(),
             delivery_replays: Histogram::new(REPLAY_BUCKETS),
@@ -500,6 +540,21 @@ impl Metrics {
             "presence_write_errors",
             "Presence records that could not be written",
             self.presence_write_errors.clone(),
+        );
+        r.register(
+            "presence_feed_watchers",
+            "Sockets watching the presence feed on this instance",
+            self.presence_feed_watchers.clone(),
+        );
+        r.register(
+            "presence_feed_diffs",
+            "presence_diff frames encoded (each shared by every watcher)",
+            self.presence_feed_diffs.clone(),
+        );
+        r.register(
+            "presence_feed_refusals",
+            "Joins that asked for the presence feed and were refused, by reason",
+            self.presence_feed_refusals.clone(),
         );
         r.register(
             "delivery_gaps_filled",
@@ -660,6 +715,23 @@ impl Metrics {
 
     pub fn presence_write_failed(&self) {
         self.presence_write_errors.inc();
+    }
+
+    /// Sockets watching the presence feed now.
+    pub fn presence_feed_watchers(&self, watchers: usize) {
+        self.presence_feed_watchers
+            .set(i64::try_from(watchers).unwrap_or(i64::MAX));
+    }
+
+    /// One `presence_diff` was encoded and offered to the watchers.
+    pub fn presence_feed_diff(&self) {
+        self.presence_feed_diffs.inc();
+    }
+
+    pub fn presence_feed_refused(&self, reason: FeedRefusal) {
+        self.presence_feed_refusals
+            .get_or_create(&FeedRefusalLabels { reason })
+            .inc();
     }
 
     /// A gap in a topic's live events was read back from the event stream.

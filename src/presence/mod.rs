@@ -9,6 +9,7 @@
 //! The `is_online` question has one shape wherever it is asked (a client push, the NATS service):
 //! [`IsOnlineRequest`] in, [`IsOnline`] out.
 
+pub mod feed;
 pub mod service;
 pub mod store;
 pub mod task;
@@ -72,35 +73,57 @@ pub struct Presence {
     dirty_notify: Notify,
     /// Other instances holding a record per user, from the KV watch.
     remote: RwLock<RemoteView>,
+    /// Users whose set of instances changed since the presence feed last looked; `None` when there is no
+    /// feed. A set: bounded by the number of users, however often they come and go.
+    changes: Option<Mutex<HashSet<UserId>>>,
 }
 
 /// Per user, the other instances that hold a record for them.
 pub type RemoteView = HashMap<UserId, Vec<Arc<str>>>;
 
-/// Applies one record (or its removal) to `view`.
-fn apply_record(view: &mut RemoteView, user: UserId, node: &str, present: bool) {
+/// Applies one record (or its removal) to `view`; returns whether the view changed (a refresh of a
+/// record already held does not).
+fn apply_record(view: &mut RemoteView, user: UserId, node: &str, present: bool) -> bool {
     if present {
         let nodes = view.entry(user).or_default();
-        if !nodes.iter().any(|n| &**n == node) {
-            nodes.push(node.into());
+        if nodes.iter().any(|n| &**n == node) {
+            return false;
         }
+        nodes.push(node.into());
+        true
     } else if let Some(nodes) = view.get_mut(&user) {
+        let before = nodes.len();
         nodes.retain(|n| &**n != node);
+        let changed = nodes.len() != before;
         if nodes.is_empty() {
             view.remove(&user);
         }
+        changed
+    } else {
+        false
     }
 }
 
 impl Presence {
     pub fn new(node: &str) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new(Self::build(node, None))
+    }
+
+    /// Presence that also notes which users' instances changed, for the presence feed
+    /// ([`Self::take_changes`]).
+    pub fn with_changes(node: &str) -> Arc<Self> {
+        Arc::new(Self::build(node, Some(Mutex::default())))
+    }
+
+    fn build(node: &str, changes: Option<Mutex<HashSet<UserId>>>) -> Self {
+        Self {
             node: node.into(),
             local: Mutex::default(),
             dirty: Mutex::default(),
             dirty_notify: Notify::new(),
             remote: RwLock::default(),
-        })
+            changes,
+        }
     }
 
     pub fn node(&self) -> &str {
@@ -117,6 +140,7 @@ impl Presence {
         };
         if first {
             self.mark_dirty([user]);
+            self.changed([user]);
         }
     }
 
@@ -138,6 +162,7 @@ impl Presence {
         };
         if last {
             self.mark_dirty([user]);
+            self.changed([user]);
         }
     }
 
@@ -154,6 +179,31 @@ impl Presence {
         IsOnline {
             id: request.id,
             online: self.is_online(request.user),
+        }
+    }
+
+    /// Calls `visit` with every instance `user` is online on: this one first when the user has a socket
+    /// here, then the others whose records this instance has seen.
+    pub fn nodes_of(&self, user: UserId, mut visit: impl FnMut(&str)) {
+        if self.is_local(user) {
+            visit(&self.node);
+        }
+        if let Some(nodes) = read(&self.remote).get(&user) {
+            nodes.iter().for_each(|node| visit(node));
+        }
+    }
+
+    /// The users whose instances changed since the last call (none without [`Self::with_changes`]).
+    pub fn take_changes(&self) -> HashSet<UserId> {
+        self.changes
+            .as_ref()
+            .map(|changes| std::mem::take(&mut *lock(changes)))
+            .unwrap_or_default()
+    }
+
+    fn changed(&self, users: impl IntoIterator<Item = UserId>) {
+        if let Some(changes) = &self.changes {
+            lock(changes).extend(users);
         }
     }
 
@@ -184,8 +234,8 @@ impl Presence {
     /// Records that `node` holds (or no longer holds) a record for `user`. This instance's own records are
     /// ignored: its local count already answers for them.
     fn record_remote(&self, user: UserId, node: &str, present: bool) {
-        if node != &*self.node {
-            apply_record(&mut write(&self.remote), user, node, present);
+        if node != &*self.node && apply_record(&mut write(&self.remote), user, node, present) {
+            self.changed([user]);
         }
     }
 
@@ -198,7 +248,12 @@ impl Presence {
 
     /// Swaps in a view rebuilt from the bucket, in one step: no query sees a half-built view.
     fn replace_remote(&self, view: RemoteView) {
-        *write(&self.remote) = view;
+        let old = std::mem::replace(&mut *write(&self.remote), view);
+        if self.changes.is_some() {
+            // Every user of either view may have changed; the feed compares each with what it published.
+            let new = read(&self.remote).keys().copied().collect::<Vec<_>>();
+            self.changed(old.into_keys().chain(new));
+        }
     }
 }
 

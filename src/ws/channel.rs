@@ -8,6 +8,9 @@
 //! reads the next frame. Dropping [`Channels`] (the socket ended, however it ended) leaves every joined
 //! topic.
 //!
+//! A join of `user:public` may ask for the presence feed (`{"presence": true}`, [`crate::presence::feed`]):
+//! its ok reply is followed by `presence_state`, and the socket's queue gets the `presence_diff`s.
+//!
 //! With the event stream on, a join may ask for positions (`{"positions": true}`, or `{"since": P}`):
 //! its broadcasts then carry their position in the ref slot, its ok reply carries `position` (and
 //! `recovered` with `since`), and a recovery replays what the socket missed, after which live copies up
@@ -27,6 +30,7 @@ use crate::hub::Queued;
 use crate::auth::Principal;
 use crate::hub::{ConnId, Hub, Outbound};
 use crate::metrics::Metrics;
+use crate::presence::feed::{Feed, PARAM_PRESENCE, Refused};
 use crate::presence::{EVENT_IS_ONLINE, IsOnlineRequest, Presence};
 use crate::protocol::{
     self, ClientFrame, EVENT_HEARTBEAT, EVENT_JOIN, EVENT_LEAVE, Empty, Frame, PHOENIX_TOPIC,
@@ -74,6 +78,8 @@ pub struct PendingJoin {
     msg_ref: Option<String>,
     wants: Wants,
     upstream: Option<oneshot::Receiver<()>>,
+    /// The `presence_state` to send after the reply (and the replay), when the join watches the feed.
+    presence_state: Option<Frame>,
 }
 
 /// The response of a join with positions.
@@ -109,6 +115,8 @@ pub struct Channels {
     metrics: Arc<Metrics>,
     /// The event stream, when delivery is on.
     delivery: Option<Arc<Delivery>>,
+    /// The presence feed, when `presence.feed` is not `off`.
+    feed: Option<Arc<Feed>>,
     /// Boxed: every socket holds the field, few ever fill it.
     pending: Option<Box<PendingJoin>>,
     /// Per topic, the last position replayed to this socket: live copies up to it are dropped.
@@ -135,6 +143,7 @@ impl Channels {
             presence,
             metrics,
             delivery: None,
+            feed: None,
             pending: None,
             replayed: Vec::new(),
         }
@@ -146,6 +155,12 @@ impl Channels {
         self
     }
 
+    /// Channels whose `user:public` joins may watch `feed`.
+    pub fn with_feed(mut self, feed: Option<Arc<Feed>>) -> Self {
+        self.feed = feed;
+        self
+    }
+
     /// The join left by the last [`Self::handle`] to complete, if any.
     pub fn take_pending(&mut self) -> Option<PendingJoin> {
         self.pending.take().map(|pending| *pending)
@@ -153,6 +168,10 @@ impl Channels {
 
     /// Whether a queued broadcast was already replayed to this socket (and must not be written again).
     pub fn replayed(&mut self, queued: &Queued) -> bool {
+        if queued.seq() == 0 {
+            // Not an event of the stream (the core path, the presence feed): never part of a replay.
+            return false;
+        }
         let Some(i) = self.replayed.iter().position(|(t, _)| *t == queued.topic()) else {
             return false;
         };
@@ -166,7 +185,16 @@ impl Channels {
 
     /// Completes a pending join: waits for the user's upstream subscription, then recovers when asked.
     /// Returns the reply and, after it, the replayed broadcasts.
-    pub async fn complete(&mut self, pending: PendingJoin) -> Replies {
+    pub async fn complete(&mut self, mut pending: PendingJoin) -> Replies {
+        let presence_state = pending.presence_state.take();
+        let mut replies = self.answer(pending).await;
+        // The feed's diffs queued since the join follow this state, and the queue is written after it.
+        replies.extend(presence_state);
+        replies
+    }
+
+    /// The reply (and replay) of a pending join.
+    async fn answer(&mut self, pending: PendingJoin) -> Replies {
         let PendingJoin {
             topic,
             name,
@@ -174,6 +202,7 @@ impl Channels {
             msg_ref,
             wants,
             upstream,
+            presence_state: _,
         } = pending;
         if let Some(upstream) = upstream
             && !matches!(
@@ -336,44 +365,7 @@ impl Channels {
         }
         let index = self.joined.iter().position(|j| j.name == topic);
         match (event.as_str(), index) {
-            (EVENT_JOIN, Some(i)) => {
-                // Phoenix closes the old channel before joining again; the hub subscription stays, so no
-                // broadcast is missed in between.
-                let joined = &mut self.joined[i];
-                let close = protocol::close(joined.join_ref.as_deref(), &topic);
-                joined.join_ref.clone_from(&join_ref);
-                let subscribed = joined.topic;
-                let reply = match self.wants(&payload) {
-                    Err(reason) => error(join_ref.as_deref(), msg_ref, &topic, reason),
-                    Ok(Wants::Plain) => {
-                        protocol::reply(join_ref.as_deref(), msg_ref, &topic, Status::Ok, &Empty {})
-                    }
-                    // The socket stayed subscribed, so it missed nothing: a `since` is recovered as is.
-                    Ok(wants) => {
-                        self.hub
-                            .subscribe_with(subscribed, self.conn, self.outbound.clone(), true);
-                        let view = self
-                            .delivery
-                            .as_ref()
-                            .and_then(|delivery| delivery.join_view(subscribed, None));
-                        let recovered = match (&wants, &view) {
-                            (Wants::Since(Ok(since)), Some(view)) => {
-                                Some(since.epoch == view.epoch)
-                            }
-                            (Wants::Since(_), _) => Some(false),
-                            _ => None,
-                        };
-                        self.positioned_reply(
-                            join_ref.as_deref(),
-                            msg_ref,
-                            &topic,
-                            view.as_ref(),
-                            recovered,
-                        )
-                    }
-                };
-                vec![close, reply]
-            }
+            (EVENT_JOIN, Some(i)) => self.rejoin(i, join_ref, msg_ref, &topic, &payload),
             (EVENT_JOIN, None) => self.join(join_ref, msg_ref, topic, &payload),
             (EVENT_LEAVE, Some(i)) => {
                 let joined = self.joined.swap_remove(i);
@@ -413,6 +405,100 @@ impl Channels {
             &frame.topic,
             REASON_RATE_LIMITED,
         )
+    }
+
+    /// A second `phx_join` of a joined topic. Phoenix closes the old channel before joining again; the hub
+    /// subscription stays, so no broadcast is missed in between.
+    fn rejoin(
+        &mut self,
+        i: usize,
+        join_ref: Option<String>,
+        msg_ref: Option<&str>,
+        name: &str,
+        payload: &Value,
+    ) -> Replies {
+        let joined = &mut self.joined[i];
+        let close = protocol::close(joined.join_ref.as_deref(), name);
+        joined.join_ref.clone_from(&join_ref);
+        let subscribed = joined.topic;
+        let join_ref = join_ref.as_deref();
+        let (wants, feed) = match (self.wants(payload), self.wants_feed(subscribed, payload)) {
+            (Err(reason), _) => return vec![close, error(join_ref, msg_ref, name, reason)],
+            (_, Err(refused)) => {
+                return vec![close, self.feed_refused(join_ref, msg_ref, name, refused)];
+            }
+            (Ok(wants), Ok(feed)) => (wants, feed),
+        };
+        let presence_state = if feed {
+            match self.watch() {
+                Ok(state) => Some(state),
+                Err(refused) => {
+                    return vec![close, self.feed_refused(join_ref, msg_ref, name, refused)];
+                }
+            }
+        } else {
+            self.unwatch(subscribed);
+            None
+        };
+        let reply = match wants {
+            Wants::Plain => protocol::reply(join_ref, msg_ref, name, Status::Ok, &Empty {}),
+            // The socket stayed subscribed, so it missed nothing: a `since` is recovered as is.
+            wants => {
+                self.hub
+                    .subscribe_with(subscribed, self.conn, self.outbound.clone(), true);
+                let view = self
+                    .delivery
+                    .as_ref()
+                    .and_then(|delivery| delivery.join_view(subscribed, None));
+                let recovered = match (&wants, &view) {
+                    (Wants::Since(Ok(since)), Some(view)) => Some(since.epoch == view.epoch),
+                    (Wants::Since(_), _) => Some(false),
+                    _ => None,
+                };
+                self.positioned_reply(join_ref, msg_ref, name, view.as_ref(), recovered)
+            }
+        };
+        let mut replies = vec![close, reply];
+        replies.extend(presence_state);
+        replies
+    }
+
+    /// Whether the join payload asks for the presence feed, and may have it; the refusal otherwise.
+    fn wants_feed(&self, topic: Topic, payload: &Value) -> Result<bool, Refused> {
+        match payload.get(PARAM_PRESENCE) {
+            None | Some(Value::Bool(false)) => return Ok(false),
+            Some(Value::Bool(true)) => {}
+            Some(_) => return Err(Refused::Invalid),
+        }
+        if topic != Topic::Public {
+            return Err(Refused::WrongTopic);
+        }
+        let feed = self.feed.as_ref().ok_or(Refused::Off)?;
+        feed.admits(self.principal.is_some())?;
+        Ok(true)
+    }
+
+    /// Makes this socket a watcher of the feed; returns the `presence_state` to send after the reply.
+    fn watch(&self) -> Result<Frame, Refused> {
+        let feed = self.feed.as_ref().ok_or(Refused::Off)?;
+        feed.watch(self.conn, self.outbound.clone())
+    }
+
+    fn unwatch(&self, topic: Topic) {
+        if let (Topic::Public, Some(feed)) = (topic, &self.feed) {
+            feed.unwatch(self.conn);
+        }
+    }
+
+    fn feed_refused(
+        &self,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        name: &str,
+        refused: Refused,
+    ) -> Frame {
+        self.metrics.presence_feed_refused(refused.label());
+        error(join_ref, msg_ref, name, &refused.to_string())
     }
 
     /// What the join payload asks for; an error reason for a payload it cannot take.
@@ -472,6 +558,20 @@ impl Channels {
             Ok(wants) => wants,
             Err(reason) => return vec![error(join_ref.as_deref(), msg_ref, &name, reason)],
         };
+        // Watching before subscribing: a refusal leaves nothing to undo, and the diffs queued from now on
+        // are written after the reply and the state, which the session writes first.
+        let presence_state = match self.wants_feed(topic, payload) {
+            Ok(false) => None,
+            Ok(true) => match self.watch() {
+                Ok(state) => Some(state),
+                Err(refused) => {
+                    return vec![self.feed_refused(join_ref.as_deref(), msg_ref, &name, refused)];
+                }
+            },
+            Err(refused) => {
+                return vec![self.feed_refused(join_ref.as_deref(), msg_ref, &name, refused)];
+            }
+        };
         // Subscribe before replying: a message published after the client sees "ok" is delivered.
         let positions = wants != Wants::Plain;
         self.hub
@@ -490,13 +590,8 @@ impl Channels {
             Topic::Public | Topic::Role => None,
         };
         if upstream.is_none() && wants == Wants::Plain {
-            return vec![protocol::reply(
-                join_ref.as_deref(),
-                msg_ref,
-                &name,
-                Status::Ok,
-                &Empty {},
-            )];
+            let reply = protocol::reply(join_ref.as_deref(), msg_ref, &name, Status::Ok, &Empty {});
+            return std::iter::once(reply).chain(presence_state).collect();
         }
         self.pending = Some(Box::new(PendingJoin {
             topic,
@@ -505,6 +600,7 @@ impl Channels {
             msg_ref: msg_ref.map(str::to_owned),
             wants,
             upstream,
+            presence_state,
         }));
         Vec::new()
     }
@@ -528,6 +624,7 @@ impl Channels {
 
     fn unsubscribe(&self, topic: Topic) {
         self.hub.unsubscribe(topic, self.conn);
+        self.unwatch(topic);
         if let (Topic::Public, Some(principal)) = (topic, &self.principal) {
             self.presence.leave(principal.user_id);
         }

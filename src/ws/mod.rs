@@ -29,6 +29,7 @@ use crate::hub::{Hub, Kick};
 use crate::limits::{Limits, TokenBucket};
 use crate::metrics::{Metrics, Refusal};
 use crate::presence::Presence;
+use crate::presence::feed::Feed;
 use crate::revocation::Revocations;
 use crate::topic::UserId;
 
@@ -52,6 +53,8 @@ pub struct Endpoint {
     pub metrics: Arc<Metrics>,
     /// The event stream, when delivery is on.
     pub delivery: Option<Arc<Delivery>>,
+    /// The presence feed, when `presence.feed` is not `off`.
+    pub feed: Option<Arc<Feed>>,
     pub limits: Limits,
     pub origins: AllowedOrigins,
     /// One permit per open socket, held by its session.
@@ -76,6 +79,7 @@ pub struct Services {
     pub revocations: Arc<Revocations>,
     pub metrics: Arc<Metrics>,
     pub delivery: Option<Arc<Delivery>>,
+    pub feed: Option<Arc<Feed>>,
 }
 
 impl Endpoint {
@@ -95,6 +99,7 @@ impl Endpoint {
             revocations,
             metrics,
             delivery,
+            feed,
         } = services;
         Self {
             auth,
@@ -103,6 +108,7 @@ impl Endpoint {
             revocations,
             metrics,
             delivery,
+            feed,
             limits,
             origins,
             connections: Arc::new(Semaphore::new(max_connections)),

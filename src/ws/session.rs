@@ -148,7 +148,8 @@ async fn serve(socket: WebSocket, state: &Endpoint, principal: Option<Principal>
         Arc::clone(&state.presence),
         Arc::clone(&state.metrics),
     )
-    .with_delivery(state.delivery.clone());
+    .with_delivery(state.delivery.clone())
+    .with_feed(state.feed.clone());
     let mut session = Session {
         socket,
         queue,

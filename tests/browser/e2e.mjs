@@ -7,7 +7,9 @@
 // is_online through the page's control, and checks that the same page served from another origin never
 // connects (the upgrade is refused with 403), and that a page whose socket drops and comes back while events
 // are published recovers them: the rejoin sends `since`, the join says `recovered: true`, and every event is
-// shown once, in order. Saves target/browser-e2e.png (and -refused.png).
+// shown once, in order. With the presence feed on, a second page as another user appears in the first
+// page's "Online now" list (and the first in its), and leaves the list when it closes. Saves
+// target/browser-e2e.png (and -refused.png).
 //
 // Prerequisites (scripts/browser-test.sh does all of them): `npm ci && npm run build` in examples/browser,
 // `cargo build`, `scripts/setup.sh --nats-only`, Chromium installed.
@@ -40,6 +42,7 @@ const REFUSED_WATCH_MS = 3_000; // how long the refused page is watched for a "c
 const HARD_TIMEOUT_MS = 120_000; // the whole run
 const USER_ID = "42";
 const OFFLINE_USER_ID = "7";
+const OTHER_USER_ID = "43";
 const SECRET = randomBytes(32).toString("hex");
 const RUN = randomBytes(4).toString("hex");
 const PREFIX = `e2e${RUN}`;
@@ -290,6 +293,8 @@ async function main() {
     EPOCH_GATEWAY__AUTH__SECRET: SECRET,
     EPOCH_GATEWAY__SHUTDOWN__DRAIN_SECS: "1",
     EPOCH_GATEWAY__SHUTDOWN__GRACE_SECS: "5",
+    EPOCH_GATEWAY__PRESENCE__FEED: "authenticated",
+    EPOCH_GATEWAY__PRESENCE__FEED_INTERVAL_MS: "200",
   });
   const gateway = await start("gateway", GATEWAY_BIN, ["serve"], gatewayEnv, /listening on [^\s]*:(\d+)/);
   const gatewayPort = gateway.match[1];
@@ -307,7 +312,7 @@ async function main() {
   };
 
   browser = await chromium.launch({ executablePath: CHROMIUM_PATH, headless: true, timeout: 30_000 });
-  const query = new URLSearchParams({ socket: `ws://127.0.0.1:${gatewayPort}/socket`, token, user: USER_ID });
+  const query = new URLSearchParams({ socket: `ws://127.0.0.1:${gatewayPort}/socket`, token, user: USER_ID, presence: "1" });
 
   // --- The page from the allowed origin -----------------------------------------------------------------
   const page = await browser.newPage({ viewport: { width: 1000, height: 720 } });
@@ -446,6 +451,24 @@ async function main() {
     JSON.stringify(ownPositions),
   );
   check("no uncaught errors in the page", pageErrors.length === 0, pageErrors.join("; "));
+
+  // --- Who is online: a second page as another user ------------------------------------------------------
+  const listed = (p) =>
+    p.evaluate(() => [...document.querySelectorAll("#presence li")].map((li) => li.dataset.user).sort());
+  const lists = async (p, users) => JSON.stringify(await listed(p)) === JSON.stringify([...users].sort());
+  check(`the page lists user ${USER_ID} online`, await until(() => lists(page, [USER_ID])), JSON.stringify(await listed(page)));
+  const otherToken = execFileSync(GATEWAY_BIN, ["token", "--user", OTHER_USER_ID], { env: gatewayEnv, encoding: "utf8" }).trim();
+  const other = await browser.newPage({ viewport: { width: 1000, height: 520 } });
+  other.on("pageerror", (e) => pageErrors.push(e.message));
+  const otherQuery = new URLSearchParams({ socket: query.get("socket"), token: otherToken, user: OTHER_USER_ID, presence: "1" });
+  await other.goto(`${allowedOrigin}/?${otherQuery}`);
+  const both = [USER_ID, OTHER_USER_ID];
+  check(`a second page as user ${OTHER_USER_ID} lists both users`, await until(() => lists(other, both)), JSON.stringify(await listed(other)));
+  check(`the first page sees user ${OTHER_USER_ID} appear`, await until(() => lists(page, both)), JSON.stringify(await listed(page)));
+  await other.close();
+  check(`the first page sees user ${OTHER_USER_ID} leave when its page closes`, await until(() => lists(page, [USER_ID])),
+    JSON.stringify(await listed(page)));
+  check("no uncaught errors in either page", pageErrors.length === 0, pageErrors.join("; "));
 
   fs.mkdirSync(path.dirname(SCREENSHOT), { recursive: true });
   await page.screenshot({ path: SCREENSHOT, fullPage: true });

@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod delivery;
 mod failover;
+mod feed;
 mod hostile;
 mod ingress;
 mod lifecycle;

@@ -4,8 +4,14 @@
 //   ?socket=ws://127.0.0.1:4000/socket   the gateway's socket URL (phoenix.js appends /websocket?vsn=2.0.0)
 //   &token=<JWT>                         optional; without it the socket is anonymous
 //   &user=42                             the token's user id (joins user:<id>)
+//   &presence=1                          optional; asks for the presence feed (the gateway's presence.feed
+//                                        must admit this socket, or the join of user:public is refused)
 // then connects, joins user:public (and user:role and user:<user> when a token is given), and shows the
 // connection state, every event that arrives with its payload and position, and an "is user N online?" control.
+//
+// Who is online: with `presence=1`, user:public is joined with `presence: true`, and phoenix.js's own
+// `Presence` class keeps the list from the gateway's `presence_state` and `presence_diff` events; the page
+// shows it, one line per user with the number of gateway instances the user is connected to.
 //
 // Positions and recovery: every join asks for positions. Each channel remembers the last position it saw (a
 // broadcast's ref, or the join reply's `position`), and its join params are a function, which phoenix.js
@@ -14,13 +20,14 @@
 //
 // A real application gets its token from its login API; it is in the URL here only to keep the example
 // small. Everything received is shown with textContent, never as HTML.
-import { Socket } from "phoenix";
+import { Presence, Socket } from "phoenix";
 
 const params = new URLSearchParams(window.location.search);
 const defaultSocket = `${window.location.protocol === "https:" ? "wss" : "ws"}://${window.location.hostname || "127.0.0.1"}:4000/socket`;
 const socketUrl = params.get("socket") || defaultSocket;
 const token = params.get("token") || "";
 const user = params.get("user") || "";
+const wantsPresence = params.get("presence") === "1";
 
 const $ = (id) => document.getElementById(id);
 const stateEl = $("state");
@@ -93,12 +100,14 @@ socket.onClose((e) =>
 );
 // A broadcast is [null, "<position>", topic, event, payload] on a join with positions. Replies to this
 // page's pushes are "phx_reply" on the socket and "chan_reply_<ref>" on the channel; neither is an event.
-const isBroadcast = (event) => !event.startsWith("phx_") && !event.startsWith("chan_reply_");
+// The presence feed's events are shown as the list of who is online, not in the log.
+const isBroadcast = (event) =>
+  !event.startsWith("phx_") && !event.startsWith("chan_reply_") && !event.startsWith("presence_");
 
-function join(topic) {
+function join(topic, extra = {}) {
   const state = (positions[topic] = { last: null, recovered: undefined });
   // Evaluated on every (re)join: `since` once a position is known.
-  const channel = socket.channel(topic, () => (state.last ? { since: state.last } : { positions: true }));
+  const channel = socket.channel(topic, () => ({ ...extra, ...(state.last ? { since: state.last } : { positions: true }) }));
   // Every event of the channel passes here before its handlers (`channel.on(event, (payload, position) => …)`
   // gets the same position as its second argument): log it and remember its position.
   channel.onMessage = (event, payload, ref) => {
@@ -126,9 +135,30 @@ function join(topic) {
   return channel;
 }
 
+// The list of who is online, kept by phoenix.js `Presence`; each user's metas are the instances it is on.
+function showPresence(presence) {
+  const list = $("presence");
+  const users = presence.list((id, { metas }) => ({ id, instances: metas.length }));
+  users.sort((a, b) => Number(a.id) - Number(b.id));
+  list.replaceChildren(
+    ...users.map(({ id, instances }) => {
+      const li = document.createElement("li");
+      li.dataset.user = id;
+      li.textContent = `user ${id}${instances > 1 ? ` (on ${instances} instances)` : ""}`;
+      return li;
+    }),
+  );
+  list.dataset.count = String(users.length);
+}
+
 setState("connecting");
 socket.connect();
-const publicChannel = join("user:public");
+const publicChannel = join("user:public", wantsPresence ? { presence: true } : {});
+if (wantsPresence) {
+  const presence = new Presence(publicChannel);
+  presence.onSync(() => showPresence(presence));
+  $("presence-section").hidden = false;
+}
 if (token) {
   join("user:role");
   if (user) join(`user:${user}`);
