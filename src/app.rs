@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::broker::{self, Nats, ingress};
+use crate::broker::{self, Nats, fanin, ingress};
 use crate::config::{FeedMode, Settings};
 use crate::delivery::live::{self, Delivery};
 use crate::delivery::stream::StreamSpec;
@@ -197,12 +197,24 @@ impl Application {
             )
         };
         let ingress = match (endpoint.delivery.clone(), interest) {
-            (Some(delivery), Some(interest)) => tokio::spawn(live::follow(
-                delivery,
-                router,
-                interest,
-                ingress_stop.clone(),
-            )),
+            (Some(delivery), Some(interest)) => {
+                // Users' events arrive on a lean subscriber of their own (a connection whose subscriptions
+                // cost a subject each); its URLs parsed already, for the main connection.
+                let (fanin, messages) = fanin::start(
+                    settings.nats_urls(),
+                    format!("epoch-gateway {} users", settings.node_id()),
+                    ingress_stop.clone(),
+                )
+                .context("invalid NATS configuration")?;
+                let copies = live::UserCopies { fanin, messages };
+                tokio::spawn(live::follow(
+                    delivery,
+                    router,
+                    interest,
+                    copies,
+                    ingress_stop.clone(),
+                ))
+            }
             _ => tokio::spawn({
                 let (nats, stop) = (nats.clone(), ingress_stop.clone());
                 async move {

@@ -7,6 +7,7 @@
 //! up). [`ingress`] is where a NATS message becomes a frame; [`kv`] holds the KV plumbing that presence and
 //! revocation share; [`retry`] is the one backoff loop of the start-up tasks.
 
+pub mod fanin;
 pub mod ingress;
 pub mod kv;
 pub mod retry;

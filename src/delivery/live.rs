@@ -2,8 +2,9 @@
 //! that follows the stream ([`follow`]).
 //!
 //! [`follow`] subscribes to the republished copies of the stream (`<prefix>.delivery.user.<t>`): always
-//! `public` and `role`, and `<id>` for each user with a session on this instance, as the hub announces
-//! them ([`Interest`]). Each copy carries its sequence and the previous sequence of its subject; the
+//! `public` and `role` (on the main connection), and `<id>` for each user with a session on this instance,
+//! as the hub announces them ([`Interest`]), on the lean subscriber ([`FanIn`]), where a subscription costs
+//! its subject and not a channel. Each copy carries its sequence and the previous sequence of its subject; the
 //! topic's [`Tracker`] says whether it is next, a duplicate, or after a gap, which is read back from the
 //! stream before the copy is delivered. After a NATS reconnect, and after the stream elects a new leader
 //! (whose predecessor may have stored events it never republished), every followed topic is caught up
@@ -17,7 +18,7 @@
 //! subscribed: the join's position and replay then meet the live events exactly, with the session dropping
 //! live copies at or below what it replayed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,6 +36,7 @@ use super::stream::{self, Stored, StreamSpec};
 use super::tracker::{Tracker, Verdict};
 use super::window::{Entry, Window, WindowLimits};
 use crate::broker::Nats;
+use crate::broker::fanin::{Delivered, FanIn};
 use crate::broker::ingress::{self, Broadcast, Control, Router};
 use crate::broker::retry::{self, OnError};
 use crate::hub::Interest;
@@ -283,13 +285,25 @@ impl Delivery {
 /// One followed subscription's messages, tagged with their topic.
 type Followed = BoxStream<'static, Message>;
 
+/// Where the copies of users' topics arrive: the lean subscriber and its channel.
+pub struct UserCopies {
+    pub fanin: FanIn,
+    pub messages: mpsc::Receiver<Delivered>,
+}
+
 /// The ingress of the event stream; runs until `stop`.
 pub async fn follow(
     delivery: Arc<Delivery>,
     mut router: Router,
     mut interest: mpsc::UnboundedReceiver<Interest>,
+    copies: UserCopies,
     stop: CancellationToken,
 ) {
+    let UserCopies {
+        fanin,
+        messages: mut user_copies,
+    } = copies;
+    let mut fanin_reconnects = fanin.reconnects();
     let nats = delivery.nats.clone();
     if !nats.wait_connected(&stop).await {
         return;
@@ -312,7 +326,8 @@ pub async fn follow(
         nats: nats.clone(),
         epoch: ensured.epoch,
         subscriptions: SelectAll::new(),
-        users: HashMap::new(),
+        fanin,
+        users: HashSet::new(),
         pending: HashMap::new(),
         watermarks: FuturesUnordered::new(),
         next_batch: 0,
@@ -336,7 +351,13 @@ pub async fn follow(
             tracing::error!(%error, %topic, "cannot subscribe to the event stream's copies");
         }
     }
-    let watermark = watermark(nats.clone(), spec.name.clone(), follower.seen_max).await;
+    let flushed = {
+        let client = nats.client().clone();
+        async move {
+            let _ = tokio::time::timeout(WATERMARK_TIMEOUT, client.flush()).await;
+        }
+    };
+    let watermark = watermark(nats.clone(), spec.name.clone(), follower.seen_max, flushed).await;
     {
         let mut topics = delivery.topics();
         for topic in [Topic::Public, Topic::Role] {
@@ -375,8 +396,16 @@ pub async fn follow(
             Some(message) = follower.subscriptions.next() => {
                 follower.on_live(message, &mut router).await;
             }
-            Some((batch, users, watermark)) = follower.watermarks.next() => {
-                follower.on_watermark(batch, users, watermark, &mut router).await;
+            Some((_, message)) = user_copies.recv() => {
+                follower.on_live(message, &mut router).await;
+            }
+            changed = fanin_reconnects.changed() => {
+                if changed.is_err() { break }
+                tracing::info!("NATS subscriber of users' events reconnected: catching up on the event stream");
+                follower.catch_up(&mut router).await;
+            }
+            Some(read) = follower.watermarks.next() => {
+                follower.on_watermark(read, &mut router).await;
             }
             Some(advisory) = async { match advisories.as_mut() { Some(a) => a.next().await, None => None } } => {
                 if advisory.subject.starts_with("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.") {
@@ -401,14 +430,25 @@ struct Pending {
     copies: Vec<Message>,
 }
 
-/// A watermark read for a batch of new users: the batch, its users and the watermark.
-type WatermarkRead = BoxFuture<'static, (u64, Vec<UserId>, u64)>;
+/// The watermark of a batch of new users, once read.
+struct WatermarkRead {
+    batch: u64,
+    users: Vec<UserId>,
+    watermark: u64,
+    /// The lean subscriber's reconnections when the batch was subscribed.
+    reconnects: u64,
+}
 
-/// The stream's last sequence, read after subscriptions were made: every event of a newly followed topic
-/// after it arrives live. Falls back on `seen_max`, the highest sequence seen before the subscriptions.
-async fn watermark(nats: Nats, stream: String, seen_max: u64) -> u64 {
-    // The server has registered the subscriptions once a flush returns.
-    let _ = tokio::time::timeout(WATERMARK_TIMEOUT, nats.client().flush()).await;
+/// The stream's last sequence, read after subscriptions were made and `flushed` (the server has
+/// registered them once a flush returns): every event of a newly followed topic after it arrives live.
+/// Falls back on `seen_max`, the highest sequence seen before the subscriptions.
+async fn watermark(
+    nats: Nats,
+    stream: String,
+    seen_max: u64,
+    flushed: impl Future<Output = ()>,
+) -> u64 {
+    flushed.await;
     let js = jetstream(&nats);
     match tokio::time::timeout(WATERMARK_TIMEOUT, reader::stream_state(&js, &stream)).await {
         Ok(Ok(state)) => state.last_seq.max(seen_max),
@@ -425,14 +465,16 @@ struct Follower {
     delivery: Arc<Delivery>,
     nats: Nats,
     epoch: Epoch,
+    /// `public` and `role`.
     subscriptions: SelectAll<Followed>,
-    /// Each followed user's subscription, ended by cancelling its token.
-    users: HashMap<UserId, CancellationToken>,
+    /// Users' topics, one subscription per followed user, keyed by the user id.
+    fanin: FanIn,
+    users: HashSet<UserId>,
     /// Followed users without a tracker yet: their watermark is being read.
     pending: HashMap<UserId, Pending>,
     /// Watermark reads in flight. They run beside the ingress loop: a join storm's round trips to the stream
     /// must not hold up the live events of every other topic.
-    watermarks: FuturesUnordered<WatermarkRead>,
+    watermarks: FuturesUnordered<BoxFuture<'static, WatermarkRead>>,
     next_batch: u64,
     /// Highest sequence seen on any followed subject: a lower bound of the stream's last sequence.
     seen_max: u64,
@@ -443,19 +485,12 @@ impl Follower {
         &self.delivery.options.spec.subject_prefix
     }
 
-    async fn subscribe(
-        &mut self,
-        topic: Topic,
-    ) -> Result<CancellationToken, async_nats::SubscribeError> {
+    /// Subscribes a topic followed for as long as the instance runs (`public`, `role`).
+    async fn subscribe(&mut self, topic: Topic) -> Result<(), async_nats::SubscribeError> {
         let subject = stream::republish_subject(self.prefix(), &topic.subject_token());
         let subscriber = self.nats.client().subscribe(subject).await?;
-        let token = CancellationToken::new();
-        // Dropping the subscriber (the stream ends when the token is cancelled) unsubscribes.
-        let messages = subscriber
-            .take_until(token.clone().cancelled_owned())
-            .boxed();
-        self.subscriptions.push(messages);
-        Ok(token)
+        self.subscriptions.push(subscriber.boxed());
+        Ok(())
     }
 
     /// Follows the users whose first session arrived and drops those whose last one left, then tells
@@ -475,32 +510,32 @@ impl Follower {
         let mut ready = Vec::new();
         for (user, generation) in last {
             match generation {
-                Some(generation) if self.users.contains_key(&user) => {
+                Some(generation) if self.users.contains(&user) => {
                     match self.pending.get_mut(&user) {
                         Some(pending) => pending.generation = generation,
                         None => ready.push((user, generation)),
                     }
                 }
-                Some(generation) => match self.subscribe(Topic::User(user)).await {
-                    Ok(token) => {
-                        self.users.insert(user, token);
-                        self.pending.insert(
-                            user,
-                            Pending {
-                                batch,
-                                generation,
-                                copies: Vec::new(),
-                            },
-                        );
-                        added.push(user);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, %user, "cannot subscribe to the user's events");
-                    }
-                },
+                Some(generation) => {
+                    let subject = stream::republish_subject(
+                        self.prefix(),
+                        &Topic::User(user).subject_token(),
+                    );
+                    self.fanin.subscribe(user.get(), subject);
+                    self.users.insert(user);
+                    self.pending.insert(
+                        user,
+                        Pending {
+                            batch,
+                            generation,
+                            copies: Vec::new(),
+                        },
+                    );
+                    added.push(user);
+                }
                 None => {
-                    if let Some(token) = self.users.remove(&user) {
-                        token.cancel();
+                    if self.users.remove(&user) {
+                        self.fanin.unsubscribe(user.get());
                     }
                     self.pending.remove(&user);
                     self.delivery.topics().trackers.remove(&Topic::User(user));
@@ -509,13 +544,25 @@ impl Follower {
         }
         if !added.is_empty() {
             self.next_batch += 1;
+            let reconnects = *self.fanin.reconnects().borrow();
+            let fanin = self.fanin.clone();
             let read = watermark(
                 self.nats.clone(),
                 self.delivery.options.spec.name.clone(),
                 self.seen_max,
+                async move {
+                    fanin.flush(WATERMARK_TIMEOUT).await;
+                },
             );
-            self.watermarks
-                .push(read.map(move |watermark| (batch, added, watermark)).boxed());
+            self.watermarks.push(
+                read.map(move |watermark| WatermarkRead {
+                    batch,
+                    users: added,
+                    watermark,
+                    reconnects,
+                })
+                .boxed(),
+            );
         }
         for (user, generation) in ready {
             router.hub().upstream_ready(user, generation);
@@ -524,13 +571,18 @@ impl Follower {
 
     /// The watermark of a batch of new users is known: each still waiting for it gets its tracker, the
     /// copies that arrived meanwhile, and is announced to the hub as in place.
-    async fn on_watermark(
-        &mut self,
-        batch: u64,
-        users: Vec<UserId>,
-        watermark: u64,
-        router: &mut Router,
-    ) {
+    async fn on_watermark(&mut self, read: WatermarkRead, router: &mut Router) {
+        let WatermarkRead {
+            batch,
+            users,
+            watermark,
+            reconnects,
+        } = read;
+        // The lean subscriber reconnected since the batch was subscribed: its subscriptions may have been
+        // registered after the watermark, and the catch-up of that reconnection may have run before these
+        // users had a tracker. One more catch-up closes the gap.
+        let missed = *self.fanin.reconnects().borrow() != reconnects;
+        let mut ready = Vec::with_capacity(users.len());
         for user in users {
             // A user who left meanwhile (and maybe came back in a later batch) is not this batch's.
             if self.pending.get(&user).is_none_or(|p| p.batch != batch) {
@@ -546,7 +598,14 @@ impl Follower {
             for message in pending.copies {
                 self.on_live(message, router).await;
             }
-            router.hub().upstream_ready(user, pending.generation);
+            ready.push((user, pending.generation));
+        }
+        if missed && !ready.is_empty() {
+            tracing::info!("users followed across a reconnection of their subscriber: catching up");
+            self.catch_up(router).await;
+        }
+        for (user, generation) in ready {
+            router.hub().upstream_ready(user, generation);
         }
     }
 

@@ -595,21 +595,29 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
     tokens.next().is_none()
 }
 
-/// `out_msgs` and subscriptions of the NATS connection of `gw`, found by its name.
+/// `out_msgs` and subscriptions of the NATS connections of `gw` (the main one, `epoch-gateway <node>`, and
+/// the subscriber of its users' events, `epoch-gateway <node> users`), found by their names.
 fn connection_of(connz: &Value, gw: &Gateway) -> (u64, Vec<String>) {
-    let name = format!("epoch-gateway {}", gw.node);
+    let names = [
+        format!("epoch-gateway {}", gw.node),
+        format!("epoch-gateway {} users", gw.node),
+    ];
     let connections = connz["connections"].as_array().expect("connections");
-    let found: Vec<&Value> = connections.iter().filter(|c| c["name"] == name).collect();
-    assert_eq!(found.len(), 1, "one connection named {name}: {connz}");
-    let subjects = found[0]["subscriptions_list"]
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .filter_map(|s| s.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    (found[0]["out_msgs"].as_u64().expect("out_msgs"), subjects)
+    let mut out_msgs = 0;
+    let mut subjects = Vec::new();
+    for name in &names {
+        let found: Vec<&Value> = connections.iter().filter(|c| c["name"] == *name).collect();
+        assert_eq!(found.len(), 1, "one connection named {name}: {connz}");
+        out_msgs += found[0]["out_msgs"].as_u64().expect("out_msgs");
+        subjects.extend(
+            found[0]["subscriptions_list"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_owned)),
+        );
+    }
+    (out_msgs, subjects)
 }
 
 #[tokio::test]
