@@ -219,7 +219,7 @@ fn serve(settings: Settings) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let app = Application::build(settings).await?;
+        let app = Application::build(settings, telemetry.span_drops()).await?;
         app.run_until_stopped(shutdown_signal()).await
     });
     drop(runtime);

@@ -3,13 +3,16 @@
 //! Logs: human-readable text for a terminal, or JSON; the filter comes from `RUST_LOG` when set, else from
 //! `log.level`; they go to standard output. Traces: when an OTLP endpoint is configured ([`resolve`]: the
 //! `telemetry.*` keys over the standard `OTEL_*` variables), spans are sampled parent-based with
-//! `telemetry.sampling_ratio`, batched, and exported over OTLP/HTTP (protobuf) or OTLP/gRPC;
+//! `telemetry.sampling_ratio` and go through the export pipeline ([`export`]: a bounded queue, drops
+//! counted, one warning a minute at most) to an OTLP/HTTP (protobuf) or OTLP/gRPC exporter;
 //! [`Telemetry::shutdown`] flushes them at exit. With no endpoint, nothing is exported and no exporter
 //! thread runs.
 //!
-//! The trace layer ignores spans of the crates the exporters are built on: a span of theirs would be
-//! exported by the same crates, and so on.
+//! Two filters keep the exporter from feeding on itself: the trace layer ignores spans of the crates the
+//! exporters are built on (a span of theirs would be exported by the same crates, and so on), and the log
+//! leaves out the SDK's events of every failed export, which the pipeline's warning replaces.
 
+pub mod export;
 pub mod resolve;
 
 use std::collections::HashMap;
@@ -26,12 +29,24 @@ use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
 };
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::{LevelFilter, Targets, filter_fn};
 use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{LogFormat, LogSettings, OtlpProtocol, TelemetrySettings};
+use export::{Pipeline, QueueGate, ReportingExporter};
+pub use export::{SpanDrop, SpanDrops};
 use resolve::{DEFAULT_SERVICE_NAME, ExportPlan, PlanError};
+
+/// Events opentelemetry 0.33 logs on every failed export: the batch processor's error and the OTLP
+/// exporter's verdicts after its retries. With a collector away they would be a line per batch; the
+/// pipeline counts the failures and warns once a minute instead.
+const PER_EXPORT_FAILURE_EVENTS: [&str; 4] = [
+    "BatchSpanProcessor.ExportError",
+    "Export.Failed.Exhausted",
+    "Export.Failed.DeadlineExceeded",
+    "Export.Failed.NonRetryable",
+];
 
 /// The crates under the exporters (targets match by prefix: `hyper` is also `hyper_util`): their spans
 /// are not exported, since exporting them would make more of them.
@@ -47,9 +62,15 @@ pub struct Telemetry {
     /// The gRPC exporter's own runtime: it is built before the gateway's runtime exists, and its
     /// connection never competes with sockets for a worker.
     runtime: Option<tokio::runtime::Runtime>,
+    drops: SpanDrops,
 }
 
 impl Telemetry {
+    /// The counts of spans dropped on the way to the collector (`/metrics` renders them).
+    pub fn span_drops(&self) -> SpanDrops {
+        self.drops.clone()
+    }
+
     /// Exports what is buffered and stops the exporter.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider {
@@ -89,10 +110,15 @@ pub fn init(log: &LogSettings, settings: &TelemetrySettings) -> Telemetry {
             Some(tracing_subscriber::fmt::layer().json().flatten_event(true)),
         ),
     };
+    let quiet = filter_fn(|metadata| {
+        !(metadata.target().starts_with("opentelemetry")
+            && PER_EXPORT_FAILURE_EVENTS.contains(&metadata.name()))
+    });
 
     let resolution = resolve::plan(settings, |name| std::env::var(name).ok());
+    let drops = SpanDrops::default();
     let built = resolution.plan.map_err(ExportError::from).and_then(|plan| {
-        plan.map(|plan| build(&plan, settings.sampling_ratio).map(|built| (plan, built)))
+        plan.map(|plan| build(&plan, settings.sampling_ratio, &drops).map(|built| (plan, built)))
             .transpose()
     });
     let (plan, provider, runtime, export_error) = match built {
@@ -114,6 +140,7 @@ pub fn init(log: &LogSettings, settings: &TelemetrySettings) -> Telemetry {
     // `try_init` fails only when a subscriber is already installed, which is then kept.
     let _ = tracing_subscriber::registry()
         .with(filter)
+        .with(quiet)
         .with(text)
         .with(json)
         .with(otel)
@@ -141,13 +168,18 @@ pub fn init(log: &LogSettings, settings: &TelemetrySettings) -> Telemetry {
     if let Some(error) = export_error {
         tracing::error!(%error, "trace export disabled");
     }
-    Telemetry { provider, runtime }
+    Telemetry {
+        provider,
+        runtime,
+        drops,
+    }
 }
 
 /// The tracer provider of `plan`, and the runtime of its gRPC exporter.
 fn build(
     plan: &ExportPlan,
     sampling_ratio: f64,
+    drops: &SpanDrops,
 ) -> Result<(SdkTracerProvider, Option<tokio::runtime::Runtime>), ExportError> {
     let headers: HashMap<String, String> = plan.headers.iter().cloned().collect();
     let (exporter, runtime) = match plan.protocol {
@@ -186,14 +218,18 @@ fn build(
             (exporter, Some(runtime))
         }
     };
-    let batch = BatchSpanProcessor::builder(exporter)
-        .with_batch_config(
-            // The other batch settings come from the OTEL_BSP_* variables, which the builder reads.
-            BatchConfigBuilder::default()
-                .with_max_queue_size(plan.queue_size)
-                .build(),
-        )
-        .build();
+    let pipeline = Pipeline::new(plan.queue_size, drops.clone());
+    let batch = BatchSpanProcessor::builder(ReportingExporter::new(
+        exporter,
+        std::sync::Arc::clone(&pipeline),
+    ))
+    .with_batch_config(
+        // The other batch settings come from the OTEL_BSP_* variables, which the builder reads.
+        BatchConfigBuilder::default()
+            .with_max_queue_size(plan.queue_size)
+            .build(),
+    )
+    .build();
     let resource = Resource::builder_empty()
         .with_detector(Box::new(TelemetryResourceDetector))
         .with_attributes(
@@ -205,7 +241,7 @@ fn build(
         .build();
     let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(sampling_ratio)));
     let provider = SdkTracerProvider::builder()
-        .with_span_processor(batch)
+        .with_span_processor(QueueGate::new(batch, pipeline))
         .with_sampler(sampler)
         .with_resource(resource)
         .build();
