@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::tonic_types::metadata::MetadataMap;
+use opentelemetry_otlp::tonic_types::transport::ClientTlsConfig;
 use opentelemetry_otlp::{
     Protocol, WithExportConfig as _, WithHttpConfig as _, WithTonicConfig as _,
 };
@@ -206,14 +207,19 @@ fn build(
                 .try_into()
                 .map(MetadataMap::from_headers)
                 .unwrap_or_default();
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(&plan.endpoint)
+                .with_metadata(metadata);
+            if plan.endpoint.starts_with("https://") {
+                // The exporter's default TLS settings trust no root at all; these are the system's (or
+                // those of SSL_CERT_FILE / SSL_CERT_DIR), and the build fails when there are none.
+                builder = builder.with_tls_config(ClientTlsConfig::new().with_native_roots());
+            }
             let exporter = {
                 // The channel's connection task is spawned on the runtime current while it is built.
                 let _entered = runtime.enter();
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(&plan.endpoint)
-                    .with_metadata(metadata)
-                    .build()?
+                builder.build()?
             };
             (exporter, Some(runtime))
         }

@@ -127,12 +127,27 @@ impl Receiver {
 
     /// OTLP/gRPC: a tonic server with the collector's trace service.
     async fn grpc() -> Self {
+        Self::grpc_with(tonic::transport::Server::builder(), "http").await
+    }
+
+    /// OTLP/gRPC over TLS, with the certificate of `tls/` (`localhost`, `127.0.0.1`) signed by the test CA.
+    async fn grpc_tls() -> Self {
+        let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gateway/tls");
+        let read = |name: &str| std::fs::read(tls.join(name)).unwrap();
+        let identity = tonic::transport::Identity::from_pem(read("server.pem"), read("server.key"));
+        let server = tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .unwrap();
+        Self::grpc_with(server, "https").await
+    }
+
+    async fn grpc_with(mut server: tonic::transport::Server, scheme: &str) -> Self {
         let exports: Exports = Arc::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let endpoint = format!("{scheme}://{}", listener.local_addr().unwrap());
         let service = TraceServiceServer::new(GrpcTraces(Arc::clone(&exports)));
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(service)
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
                 .await
@@ -345,6 +360,36 @@ async fn spans_go_over_grpc_as_the_standard_variables_say() {
     assert!(
         !logs.iter().any(|l| l.contains("s3cr")),
         "a header value in the logs: {logs:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_grpc_endpoint_without_a_scheme_is_tls_checked_against_the_trusted_roots() {
+    let receiver = Receiver::grpc_tls().await;
+    let port = receiver.endpoint.rsplit(':').next().unwrap();
+    let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gateway/tls/ca.pem");
+    let nats = Nats::start();
+    let gw = Gateway::start_with(
+        &nats.url,
+        GatewayOptions::default()
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            // No scheme and no OTEL_EXPORTER_OTLP_INSECURE: TLS, verified for the name "localhost".
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("localhost:{port}"))
+            // The roots the exporter trusts instead of the system's: the test CA alone.
+            .env("SSL_CERT_FILE", ca.to_str().unwrap())
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    )
+    .await;
+    let mut client = gw.anonymous().await;
+    client.join_ok("user:public").await;
+    receiver
+        .wait_for("ws.connect", |s| s.name == "ws.connect")
+        .await;
+    let logs = gw.logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains(&format!("endpoint=https://localhost:{port}"))),
+        "{logs:#?}"
     );
 }
 
