@@ -31,6 +31,7 @@ use crate::presence::feed::{self, Feed, FeedOptions};
 use crate::presence::store::{BucketSpec, StoreError};
 use crate::presence::{self, Presence};
 use crate::revocation::{self, Revocations};
+use crate::telemetry::SpanDrops;
 use crate::ws::{Endpoint, Services};
 
 /// Bound on draining the NATS connection at exit.
@@ -64,10 +65,12 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 impl Application {
+    /// Builds the instance; `/metrics` renders `span_drops`, the trace export's counts.
+    ///
     /// # Errors
     /// When the listen address cannot be bound or the NATS URLs cannot be parsed.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let metrics = Arc::new(Metrics::new());
+    pub async fn build(settings: Settings, span_drops: SpanDrops) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::with_span_drops(span_drops));
         let auth = Authenticator::new(&settings.auth_secret(), settings.auth_algorithm());
         let listener = listen(settings.http.listen)
             .with_context(|| format!("cannot listen on {}", settings.http.listen))?;

@@ -135,25 +135,78 @@ pub struct RuntimeSettings {
     pub worker_threads: Option<usize>,
 }
 
-/// OpenTelemetry trace export (OTLP over HTTP/protobuf). Off unless an endpoint is configured here or in
-/// the standard `OTEL_EXPORTER_OTLP_ENDPOINT`.
+/// OpenTelemetry trace export over OTLP (HTTP/protobuf or gRPC). Off unless an endpoint is configured here
+/// or in the standard `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; each key set here
+/// wins over its standard variable (the telemetry module resolves the two).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TelemetrySettings {
-    /// Base URL of the collector's OTLP/HTTP receiver, e.g. `http://otel-collector:4318`.
+    /// Base URL of the collector's OTLP receiver: `http://otel-collector:4318` (HTTP; `/v1/traces` is
+    /// appended) or `http://otel-collector:4317` (gRPC; used as it is).
     pub otlp_endpoint: Option<String>,
-    /// `service.name` of the exported spans; `OTEL_SERVICE_NAME`, then `epoch-gateway`, when unset.
+    /// `http/protobuf` or `grpc`; `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, `OTEL_EXPORTER_OTLP_PROTOCOL`, then
+    /// `http/protobuf`, when unset.
+    pub otlp_protocol: Option<String>,
+    /// `service.name` of the exported spans; `OTEL_SERVICE_NAME`, `service.name` in
+    /// `OTEL_RESOURCE_ATTRIBUTES`, then `epoch-gateway`, when unset.
     pub service_name: Option<String>,
     /// Fraction of new traces sampled (0.0-1.0); a sampled-in parent (from `traceparent`) is always followed.
     pub sampling_ratio: f64,
+    /// `otlp_protocol`, parsed by [`Settings::load`].
+    #[serde(skip)]
+    protocol: Option<OtlpProtocol>,
 }
 
 impl Default for TelemetrySettings {
     fn default() -> Self {
         Self {
             otlp_endpoint: None,
+            otlp_protocol: None,
             service_name: None,
             sampling_ratio: 1.0,
+            protocol: None,
         }
+    }
+}
+
+impl TelemetrySettings {
+    /// The configured OTLP transport, if any (else the standard variables decide).
+    pub fn protocol(&self) -> Option<OtlpProtocol> {
+        self.protocol
+    }
+
+    /// Settings with `protocol` as if configured (tests of the telemetry module).
+    #[cfg(test)]
+    pub(crate) fn with_protocol(mut self, protocol: OtlpProtocol) -> Self {
+        self.otlp_protocol = Some(protocol.name().to_owned());
+        self.protocol = Some(protocol);
+        self
+    }
+}
+
+/// The OTLP transports the exporter is built with, under their names in `OTEL_EXPORTER_OTLP_PROTOCOL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// Protobuf over HTTP/1.1 `POST <endpoint>/v1/traces` (port 4318).
+    HttpProtobuf,
+    /// The `TraceService/Export` gRPC call (HTTP/2, port 4317).
+    Grpc,
+}
+
+impl OtlpProtocol {
+    /// The name the OpenTelemetry specification gives the protocol.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::HttpProtobuf => "http/protobuf",
+            Self::Grpc => "grpc",
+        }
+    }
+
+    /// A protocol by its specification name, in any letter case (as opentelemetry-otlp reads the
+    /// variable); `http/json` is not built in.
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::HttpProtobuf, Self::Grpc]
+            .into_iter()
+            .find(|protocol| protocol.name().eq_ignore_ascii_case(name))
     }
 }
 
@@ -517,6 +570,7 @@ impl Settings {
         if self.nats.max_message_bytes == 0 {
             return Err(invalid("nats.max_message_bytes", "must be at least 1"));
         }
+        self.validate_telemetry()?;
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
             return Err(invalid(
                 "telemetry.sampling_ratio",
@@ -527,6 +581,41 @@ impl Settings {
             return Err(invalid("log.level", "is not a valid tracing filter"));
         }
         Ok(self)
+    }
+
+    /// An empty value is unset (as for the standard `OTEL_*` variables); the endpoint is a URL; the
+    /// protocol is one the exporter is built with.
+    fn validate_telemetry(&mut self) -> Result<(), ConfigError> {
+        let telemetry = &mut self.telemetry;
+        for value in [
+            &mut telemetry.otlp_endpoint,
+            &mut telemetry.otlp_protocol,
+            &mut telemetry.service_name,
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                *value = None;
+            }
+        }
+        if let Some(endpoint) = &telemetry.otlp_endpoint
+            && !is_http_url(endpoint)
+        {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                format!("'{endpoint}' is not an http:// or https:// URL with a host"),
+            ));
+        }
+        telemetry.protocol = match &telemetry.otlp_protocol {
+            None => None,
+            Some(name) => Some(OtlpProtocol::parse(name.trim()).ok_or_else(|| {
+                invalid(
+                    "telemetry.otlp_protocol",
+                    format!("'{name}' is not supported; use http/protobuf or grpc"),
+                )
+            })?),
+        };
+        // check-config shows the protocol under its specification name, however it was written.
+        telemetry.otlp_protocol = telemetry.protocol.map(|p| p.name().to_owned());
+        Ok(())
     }
 
     /// The pinned JWT algorithm.
@@ -691,6 +780,17 @@ fn is_origin_pattern(text: &str) -> bool {
             && !host_port.starts_with(':'))
 }
 
+/// `http://host[:port][/path]` or `https://…`, without spaces.
+pub fn is_http_url(text: &str) -> bool {
+    let rest = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"));
+    rest.is_some_and(|rest| {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        !authority.is_empty() && !authority.starts_with(':') && !text.contains(char::is_whitespace)
+    })
+}
+
 fn is_subject_prefix(text: &str) -> bool {
     text.split('.').all(is_key_token)
 }
@@ -743,6 +843,40 @@ mod tests {
         assert!(!list.allows("null"));
         assert!(AllowedOrigins::new(&[]).allows("https://anything"));
         assert!(AllowedOrigins::new(&["*".to_owned()]).allows("null"));
+    }
+
+    #[test]
+    fn otlp_protocols_by_name() {
+        assert_eq!(OtlpProtocol::parse("grpc"), Some(OtlpProtocol::Grpc));
+        assert_eq!(OtlpProtocol::parse("GRPC"), Some(OtlpProtocol::Grpc));
+        assert_eq!(
+            OtlpProtocol::parse("http/protobuf"),
+            Some(OtlpProtocol::HttpProtobuf)
+        );
+        for bad in ["", "http", "http/json", "grpc ", "tcp"] {
+            assert_eq!(OtlpProtocol::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn http_urls() {
+        for good in [
+            "http://collector:4318",
+            "https://collector.example/otlp/",
+            "http://127.0.0.1:4317",
+        ] {
+            assert!(is_http_url(good), "{good}");
+        }
+        for bad in [
+            "",
+            "collector:4317",
+            "http://",
+            "http://:4317",
+            "grpc://collector:4317",
+            "http://collector :4317",
+        ] {
+            assert!(!is_http_url(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -22,7 +22,9 @@
 //! - [`topic`]: user ids and topics, parsed from client topics and NATS subjects.
 //! - [`auth`]: verifying and minting Guardian-shaped JWTs.
 //! - [`limits`]: per-socket limits and the token bucket behind the rate limits.
-//! - [`metrics`], [`telemetry`]: OpenMetrics text (Prometheus scrapes it) and structured logs / traces.
+//! - [`metrics`], [`telemetry`]: OpenMetrics text (Prometheus scrapes it) and structured logs / traces
+//!   ([`telemetry::resolve`]: the OTLP settings over the standard `OTEL_*` variables;
+//!   [`telemetry::export`]: the bounded, counted way spans leave for the collector).
 //! - [`hub`]: local fan-out with a bounded queue per socket; knows neither NATS nor sockets.
 //! - [`broker`]: the NATS connection and its health, [`broker::ingress`] (where a NATS message becomes a
 //!   frame), the KV plumbing and the retry loop shared by presence and revocation.
@@ -47,7 +49,8 @@
 //! hub                                protocol, topic
 //! config                             limits, topic
 //! auth, telemetry                    config, topic
-//! metrics                            auth (failure labels), protocol (close codes), topic (topic kinds)
+//! metrics                            auth (failure labels), protocol (close codes), telemetry (span drops),
+//!                                    topic (topic kinds)
 //! broker                             hub, metrics, protocol, topic
 //! presence, revocation               auth, broker, config, hub, metrics, protocol, topic
 //! delivery                           broker, hub, metrics, protocol, topic

@@ -201,9 +201,6 @@ fn print_out(text: &str) -> ExitCode {
 
 fn serve(settings: Settings) -> ExitCode {
     let telemetry = telemetry::init(&settings.log, &settings.telemetry);
-    if telemetry.exporting() {
-        tracing::info!("exporting traces over OTLP");
-    }
     if settings.auth.secret.is_none() && settings.environment == Environment::Development {
         tracing::warn!(
             "NO auth.secret CONFIGURED: using the public development secret. Anyone can mint tokens. \
@@ -222,7 +219,7 @@ fn serve(settings: Settings) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let app = Application::build(settings).await?;
+        let app = Application::build(settings, telemetry.span_drops()).await?;
         app.run_until_stopped(shutdown_signal()).await
     });
     drop(runtime);

@@ -20,6 +20,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::auth::AuthFailure;
 use crate::protocol::CloseCode;
+use crate::telemetry::{SpanDrop, SpanDrops};
 use crate::topic::TopicKind;
 
 /// The `Content-Type` of [`Metrics::render`]'s output, which Prometheus scrapes.
@@ -199,6 +200,7 @@ macro_rules! label_values {
 
 label_values!(
     FeedRefusal,
+    SpanDrop,
     RecoveryOutcome,
     IngressDrop,
     ConnectionKind,
@@ -240,6 +242,35 @@ struct FeedRefusalLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EventLabels {
     event: KnownEvent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SpanDropLabels {
+    reason: SpanDrop,
+}
+
+/// The span drops the telemetry pipeline counts (it runs before, and apart from, this registry), rendered
+/// as a counter family with a series per reason.
+#[derive(Debug, Clone, Default)]
+struct DroppedSpans(SpanDrops);
+
+impl TypedMetric for DroppedSpans {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for DroppedSpans {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> fmt::Result {
+        for &reason in SpanDrop::ALL {
+            encoder
+                .encode_family(&SpanDropLabels { reason })?
+                .encode_counter::<NoLabelSet, _, u64>(&self.0.count(reason), None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// The number of a [`CloseCode`], or [`CLOSED_BY_CLIENT`]: two close codes may share a number, and then
@@ -344,6 +375,7 @@ pub struct Metrics {
     delivery_replays: Histogram,
     delivery_recoveries: Family<RecoveryLabels, Counter>,
     delivery_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    trace_spans_dropped: DroppedSpans,
 }
 
 impl Default for Metrics {
@@ -368,7 +400,13 @@ where
 }
 
 impl Metrics {
+    /// Metrics with span drops of their own (no trace export).
     pub fn new() -> Self {
+        Self::with_span_drops(SpanDrops::default())
+    }
+
+    /// Metrics that render the span drops of the trace export pipeline.
+    pub fn with_span_drops(span_drops: SpanDrops) -> Self {
         let close_codes: Vec<u16> = std::iter::once(CLOSED_BY_CLIENT)
             .chain(CloseCode::ALL.iter().map(|code| code.code()))
             .collect();
@@ -410,6 +448,7 @@ impl Metrics {
                 outcome,
             }),
             delivery_lag: Gauge::default(),
+            trace_spans_dropped: DroppedSpans(span_drops),
         };
         metrics.register();
         metrics
@@ -581,6 +620,12 @@ impl Metrics {
             "Time from the event stream storing the latest event to its copy arriving here",
             Unit::Seconds,
             self.delivery_lag.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Spans not exported, by reason (queue_full: the export queue was full; export_failed: the \
+             collector did not take them)",
+            self.trace_spans_dropped.clone(),
         );
     }
 
@@ -785,6 +830,9 @@ mod tests {
                 "epoch_gateway_closes_total{code=\"4403\"} 0",
                 "epoch_gateway_nats_events_total{event=\"other\"} 0",
                 "epoch_gateway_fanout_latency_seconds_bucket{le=\"+Inf\"} 0",
+                "# TYPE epoch_gateway_trace_spans_dropped counter",
+                "epoch_gateway_trace_spans_dropped_total{reason=\"queue_full\"} 0",
+                "epoch_gateway_trace_spans_dropped_total{reason=\"export_failed\"} 0",
             ],
         );
         assert!(text.ends_with("# EOF\n"));

@@ -10,6 +10,8 @@
 - the env files and the Kubernetes ConfigMap are accepted by `check-config` as the container sees them
   (with the image's config file); production files hold only the `change-me` placeholder secret, which
   `check-config` refuses, and are accepted once it is replaced;
+- the OTLP settings of the env files and the ConfigMap name a protocol the gateway exports with and the
+  port on which deploy/otel-collector.yaml receives that protocol;
 - the Dockerfile's cargo build is --locked and --release, with arguments CI's release build also uses;
   docker-compose.yml's mounted files exist and the load balancer and Prometheus name its gateway services; the Deployment's grace period covers
   preStop + drain + grace.
@@ -29,11 +31,14 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 NAME_RE = re.compile(r"\bEPOCH_GATEWAY__[A-Z0-9][A-Z0-9_]*")
 PLACEHOLDER_SECRET = "change-me"
+# OTEL_EXPORTER_OTLP_PROTOCOL values the gateway exports with → the collector's receiver of that protocol.
+OTLP_RECEIVERS = {"grpc": "grpc", "http/protobuf": "http"}
 # What an operator puts in place of the placeholder (a `mix guardian.gen.secret`-sized value).
 DEPLOYED_SECRET = "k" * 64
 
@@ -241,6 +246,29 @@ def check_env_files(binary: Path, docs: dict[Path, list]) -> None:
               set(secret["stringData"].values()) == {PLACEHOLDER_SECRET})
 
 
+def check_otlp(docs: dict[Path, list]) -> None:
+    """Each deployment's trace export goes to the collector port that receives its protocol."""
+    collector = (docs.get(DEPLOY / "otel-collector.yaml") or [{}])[0]
+    protocols = collector.get("receivers", {}).get("otlp", {}).get("protocols", {})
+    ports = {name: urlparse(f"//{cfg['endpoint']}").port for name, cfg in protocols.items()}
+    sources = {rel(p): read_env_file(p) for p in sorted((DEPLOY / "env").glob("*.env"))}
+    cm = next((d for d in docs.get(DEPLOY / "k8s" / "configmap.yaml", []) if d and d.get("kind") == "ConfigMap"), None)
+    if cm:
+        sources["deploy/k8s/configmap.yaml"] = {k: str(v) for k, v in cm["data"].items()}
+    for name, env in sources.items():
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if not endpoint:
+            skip(f"{name}: trace export", "no OTLP endpoint")
+            continue
+        protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                    or "http/protobuf").lower()
+        receiver = OTLP_RECEIVERS.get(protocol)
+        url = urlparse(endpoint)
+        check(f"{name}: traces over {protocol} to {endpoint}, the collector's {receiver} port",
+              receiver is not None and url.scheme in ("http", "https") and url.port == ports.get(receiver),
+              f"protocol one of {sorted(OTLP_RECEIVERS)}; collector ports {ports}")
+
+
 def check_compose(docs: dict[Path, list]) -> None:
     compose = (docs.get(DEPLOY / "docker-compose.yml") or [None])[0]
     if not check("deploy/docker-compose.yml has services", isinstance(compose, dict) and "services" in compose):
@@ -319,6 +347,7 @@ def main() -> int:
     check_names(known)
     check_dockerfile()
     check_env_files(binary, docs)
+    check_otlp(docs)
     check_compose(docs)
     check_k8s(docs)
     summary = f"{passed} passed, {failed} failed"

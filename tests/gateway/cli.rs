@@ -69,6 +69,18 @@ fn check_config_prints_effective_settings_with_secrets_redacted() {
     assert_eq!(settings["auth"]["secret"], "[redacted]");
     assert_eq!(settings["http"]["listen"], "127.0.0.1:4000");
     assert!(!out.contains("very-secret-value"));
+    // Unset keys are shown too (null), so every key can be found.
+    assert_eq!(
+        settings["telemetry"]["otlp_protocol"],
+        serde_json::Value::Null
+    );
+    let (code, out, err) = run(
+        &["check-config"],
+        &[("EPOCH_GATEWAY__TELEMETRY__OTLP_PROTOCOL", "GRPC")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let settings: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(settings["telemetry"]["otlp_protocol"], "grpc");
 }
 
 #[test]
@@ -100,7 +112,7 @@ fn bad_configuration_names_the_key_and_the_problem() {
         ("EPOCH_GATEWAY__ENVIRONMENT", "production"),
         ("EPOCH_GATEWAY__AUTH__SECRET", "s3cret"),
     ];
-    let cases: [(&[(&str, &str)], &str); 10] = [
+    let cases: [(&[(&str, &str)], &str); 12] = [
         (&production, "EPOCH_GATEWAY__HTTP__ALLOWED_ORIGINS"),
         (
             &[(
@@ -144,6 +156,14 @@ fn bad_configuration_names_the_key_and_the_problem() {
         (
             &[("EPOCH_GATEWAY__RUNTIME__WORKER_THREADS", "0")],
             "EPOCH_GATEWAY__RUNTIME__WORKER_THREADS",
+        ),
+        (
+            &[("EPOCH_GATEWAY__TELEMETRY__OTLP_PROTOCOL", "http/json")],
+            "EPOCH_GATEWAY__TELEMETRY__OTLP_PROTOCOL): 'http/json' is not supported; use http/protobuf or grpc",
+        ),
+        (
+            &[("EPOCH_GATEWAY__TELEMETRY__OTLP_ENDPOINT", "collector:4317")],
+            "EPOCH_GATEWAY__TELEMETRY__OTLP_ENDPOINT",
         ),
     ];
     for (env, expected) in cases {
