@@ -145,6 +145,18 @@ impl TopicKind {
     }
 }
 
+impl Topic {
+    /// Whether `name` is this topic's name (`user:public`, `user:role`, `user:<canonical id>`), without
+    /// building it.
+    pub fn is_named(self, name: &str) -> bool {
+        match (self, Route::of(name)) {
+            (Self::Public, Route::Public) | (Self::Role, Route::Role) => true,
+            (Self::User(user), Route::User(suffix)) => UserId::parse(suffix) == Some(user),
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -202,6 +214,17 @@ mod tests {
         assert_eq!(Route::of("user:"), Route::User(""));
         assert_eq!(Route::of("room:lobby"), Route::Unmatched);
         assert_eq!(Route::of("phoenix"), Route::Unmatched);
+    }
+
+    #[test]
+    fn a_topic_knows_its_canonical_name() {
+        let user = Topic::User(UserId::new(42));
+        assert!(user.is_named("user:42"));
+        for other in ["user:042", "user:4", "user:public", "user:42 ", "42", ""] {
+            assert!(!user.is_named(other), "{other:?}");
+        }
+        assert!(Topic::Public.is_named("user:public") && !Topic::Public.is_named("user:role"));
+        assert!(Topic::Role.is_named("user:role") && !Topic::Role.is_named("role"));
     }
 
     #[test]

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Presence;
 use crate::config::FeedMode;
-use crate::hub::{ConnId, Outbound, Queued};
+use crate::hub::{ConnId, Mailbox, Queued};
 use crate::metrics::{FeedRefusal, Metrics};
 use crate::protocol::{self, Frame};
 use crate::topic::{Topic, UserId};
@@ -101,7 +101,7 @@ pub struct Feed {
 struct State {
     /// Per user, the refs of the instances the user is online on, as the diffs so far have said.
     published: HashMap<UserId, Vec<Ref>>,
-    watchers: HashMap<ConnId, Outbound>,
+    watchers: HashMap<ConnId, Mailbox>,
     /// `presence_state` of `published`, encoded on first need after each change.
     state_frame: Option<Frame>,
     /// More users online than the bound: no diffs until it is back within it.
@@ -150,13 +150,13 @@ impl Feed {
 
     /// Makes `conn` a watcher and returns the `presence_state` frame to send right after its join reply:
     /// every diff offered to it from now on follows that state. Watching again replaces the watcher.
-    pub fn watch(&self, conn: ConnId, outbound: Outbound) -> Result<Frame, Refused> {
+    pub fn watch(&self, conn: ConnId, mailbox: Mailbox) -> Result<Frame, Refused> {
         let mut state = self.lock();
         if state.suspended {
             return Err(Refused::TooManyUsers);
         }
         let frame = state.state_frame().clone();
-        state.watchers.insert(conn, outbound);
+        state.watchers.insert(conn, mailbox);
         self.metrics.presence_feed_watchers(state.watchers.len());
         Ok(frame)
     }
@@ -209,8 +209,8 @@ impl Feed {
         // Not an event of the stream: sequence 0. A watcher whose queue is full is closed as a slow
         // consumer, as for any broadcast.
         let queued = Queued::new(frame, Instant::now(), Topic::Public, 0);
-        for outbound in state.watchers.values() {
-            outbound.offer(queued.clone());
+        for mailbox in state.watchers.values() {
+            mailbox.offer(queued.clone());
         }
     }
 
@@ -328,8 +328,6 @@ pub async fn run(feed: Arc<Feed>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::Closer;
-    use tokio::sync::mpsc;
 
     fn feed(max_users: usize) -> (Arc<Feed>, Arc<Presence>) {
         let presence = Presence::with_changes("a");
@@ -342,9 +340,9 @@ mod tests {
         (feed, presence)
     }
 
-    fn watcher() -> (Outbound, mpsc::Receiver<Queued>) {
-        let (tx, rx) = mpsc::channel(16);
-        (Outbound::new(tx, Closer::new()), rx)
+    fn watcher() -> (Mailbox, Mailbox) {
+        let mailbox = Mailbox::new(16);
+        (mailbox.clone(), mailbox)
     }
 
     fn payload(frame: &Frame) -> serde_json::Value {
@@ -352,8 +350,8 @@ mod tests {
         value[4].clone()
     }
 
-    fn received(rx: &mut mpsc::Receiver<Queued>) -> Vec<(String, serde_json::Value)> {
-        std::iter::from_fn(|| rx.try_recv().ok())
+    fn received(rx: &mut Mailbox) -> Vec<(String, serde_json::Value)> {
+        std::iter::from_fn(|| rx.try_recv())
             .map(|q| {
                 let value: serde_json::Value = serde_json::from_str(q.frame().as_str()).unwrap();
                 (value[3].as_str().unwrap().to_owned(), value[4].clone())

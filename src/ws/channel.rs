@@ -28,7 +28,7 @@ use crate::delivery::position::{Position, PositionError};
 use crate::hub::Queued;
 
 use crate::auth::Principal;
-use crate::hub::{ConnId, Hub, Outbound};
+use crate::hub::{ConnId, Hub, Mailbox};
 use crate::metrics::Metrics;
 use crate::presence::feed::{Feed, PARAM_PRESENCE, Refused};
 use crate::presence::{EVENT_IS_ONLINE, IsOnlineRequest, Presence};
@@ -94,12 +94,12 @@ struct Positioned {
 /// Frames produced by one client frame; at most two (a `phx_close` and a reply).
 pub type Replies = Vec<Frame>;
 
+/// A joined topic. Only canonical topic names are joined (`user:<id>` with a canonical id), so the name
+/// a client sends later is matched against the topic itself, and not kept per socket.
 #[derive(Debug)]
 struct Joined {
-    /// Topic string as the client sent it (it is the key of later pushes).
-    name: String,
     topic: Topic,
-    join_ref: Option<String>,
+    join_ref: Option<Box<str>>,
 }
 
 /// Channel state of one socket.
@@ -108,7 +108,7 @@ pub struct Channels {
     conn: ConnId,
     max_topics: usize,
     principal: Option<Principal>,
-    outbound: Outbound,
+    mailbox: Mailbox,
     joined: Vec<Joined>,
     hub: Arc<Hub>,
     presence: Arc<Presence>,
@@ -128,7 +128,7 @@ impl Channels {
         conn: ConnId,
         max_topics: usize,
         principal: Option<Principal>,
-        outbound: Outbound,
+        mailbox: Mailbox,
         hub: Arc<Hub>,
         presence: Arc<Presence>,
         metrics: Arc<Metrics>,
@@ -137,7 +137,7 @@ impl Channels {
             conn,
             max_topics,
             principal,
-            outbound,
+            mailbox,
             joined: Vec::new(),
             hub,
             presence,
@@ -337,9 +337,14 @@ impl Channels {
         )
     }
 
+    /// Where the joined topic a client names is in [`Self::joined`].
+    fn position(&self, name: &str) -> Option<usize> {
+        self.joined.iter().position(|j| j.topic.is_named(name))
+    }
+
     /// Leaves `name` after a join that could not be completed.
     fn leave_topic(&mut self, name: &str) {
-        if let Some(i) = self.joined.iter().position(|j| j.name == name) {
+        if let Some(i) = self.position(name) {
             let joined = self.joined.swap_remove(i);
             self.unsubscribe(joined.topic);
         }
@@ -363,7 +368,7 @@ impl Channels {
                 &Empty {},
             )];
         }
-        let index = self.joined.iter().position(|j| j.name == topic);
+        let index = self.position(&topic);
         match (event.as_str(), index) {
             (EVENT_JOIN, Some(i)) => self.rejoin(i, join_ref, msg_ref, &topic, &payload),
             (EVENT_JOIN, None) => self.join(join_ref, msg_ref, topic, &payload),
@@ -419,7 +424,7 @@ impl Channels {
     ) -> Replies {
         let joined = &mut self.joined[i];
         let close = protocol::close(joined.join_ref.as_deref(), name);
-        joined.join_ref.clone_from(&join_ref);
+        joined.join_ref = join_ref.as_deref().map(Box::from);
         let subscribed = joined.topic;
         let join_ref = join_ref.as_deref();
         let (wants, feed) = match (self.wants(payload), self.wants_feed(subscribed, payload)) {
@@ -445,7 +450,7 @@ impl Channels {
             // The socket stayed subscribed, so it missed nothing: a `since` is recovered as is.
             wants => {
                 self.hub
-                    .subscribe_with(subscribed, self.conn, self.outbound.clone(), true);
+                    .subscribe_with(subscribed, self.conn, self.mailbox.clone(), true);
                 let view = self
                     .delivery
                     .as_ref()
@@ -481,7 +486,7 @@ impl Channels {
     /// Makes this socket a watcher of the feed; returns the `presence_state` to send after the reply.
     fn watch(&self) -> Result<Frame, Refused> {
         let feed = self.feed.as_ref().ok_or(Refused::Off)?;
-        feed.watch(self.conn, self.outbound.clone())
+        feed.watch(self.conn, self.mailbox.clone())
     }
 
     fn unwatch(&self, topic: Topic) {
@@ -575,15 +580,14 @@ impl Channels {
         // Subscribe before replying: a message published after the client sees "ok" is delivered.
         let positions = wants != Wants::Plain;
         self.hub
-            .subscribe_with(topic, self.conn, self.outbound.clone(), positions);
+            .subscribe_with(topic, self.conn, self.mailbox.clone(), positions);
         if let (Topic::Public, Some(user)) = (topic, user) {
             self.presence.join(user);
         }
         self.metrics.joined(topic.kind());
         self.joined.push(Joined {
-            name: name.clone(),
             topic,
-            join_ref: join_ref.clone(),
+            join_ref: join_ref.as_deref().map(Box::from),
         });
         let upstream = match topic {
             Topic::User(user) => self.hub.wait_upstream(user),
@@ -646,13 +650,10 @@ fn error(join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, reason: &st
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::Closer;
-    use tokio::sync::mpsc;
 
     fn channels(user: Option<u64>) -> (Channels, Arc<Hub>, Arc<Presence>) {
         let hub = Arc::new(Hub::new());
         let presence = Presence::new("n1");
-        let (tx, _rx) = mpsc::channel(8);
         let principal = user.map(|id| Principal {
             user_id: UserId::new(id),
             jti: "j".to_owned(),
@@ -662,7 +663,7 @@ mod tests {
             1,
             16,
             principal,
-            Outbound::new(tx, Closer::new()),
+            Mailbox::new(8),
             Arc::clone(&hub),
             Arc::clone(&presence),
             Arc::new(Metrics::new()),
@@ -756,7 +757,6 @@ mod tests {
         send(&mut bystander, r#"["1","1","user:public","phx_join",{}]"#);
         let (task_hub, task_presence) = (Arc::clone(&hub), Arc::clone(&presence));
         let session = tokio::spawn(async move {
-            let (tx, _rx) = mpsc::channel(8);
             let principal = Principal {
                 user_id: UserId::new(7),
                 jti: "j".to_owned(),
@@ -766,7 +766,7 @@ mod tests {
                 2,
                 16,
                 Some(principal),
-                Outbound::new(tx, Closer::new()),
+                Mailbox::new(8),
                 task_hub,
                 task_presence,
                 Arc::new(Metrics::new()),

@@ -1,7 +1,7 @@
 //! One WebSocket connection from upgrade to close: a single task that owns the socket.
 //!
-//! It waits on: shutdown, its [`Closer`] (slow consumer, logout, disconnect), the idle deadline, the token's
-//! expiry, the outbound queue (broadcasts from the hub) and the next client frame. Queued frames are
+//! It waits on: shutdown, its [`Mailbox`] (a kick: slow consumer, logout, disconnect; else broadcasts from
+//! the hub), the idle deadline, the token's expiry and the next client frame. Queued frames are
 //! written in batches with one flush; replies to client frames are written right away. A socket closed for
 //! a logout or a disconnect first gets what was queued for it (the `logout` event itself). Every exit path
 //! drops [`Channels`] and the hub registration, which unsubscribes the socket and releases its presence.
@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use super::Endpoint;
 use super::channel::Channels;
 use crate::auth::Principal;
-use crate::hub::{Closer, Hub, Kick, Outbound, Queued};
+use crate::hub::{Hub, Kick, Mailbox, Next, Queued};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnectionKind, Metrics};
 use crate::presence::EVENT_IS_ONLINE;
@@ -117,13 +116,12 @@ pub async fn run(
 
 async fn serve(socket: WebSocket, state: &Endpoint, principal: Option<Principal>, conn: u64) {
     tracing::debug!("socket opened");
-    let (tx, queue) = mpsc::channel(state.limits.outbound_queue);
-    let closer = Closer::new();
-    state.hub.register_socket(conn, closer.clone());
+    let mailbox = Mailbox::new(state.limits.outbound_queue);
+    state.hub.register_socket(conn, mailbox.clone());
     if let Some(principal) = &principal {
         state
             .hub
-            .register_session(principal.user_id, conn, &principal.jti, closer.clone());
+            .register_session(principal.user_id, conn, &principal.jti, mailbox.clone());
     }
     let _registration = Registration {
         hub: &state.hub,
@@ -143,7 +141,7 @@ async fn serve(socket: WebSocket, state: &Endpoint, principal: Option<Principal>
         conn,
         state.limits.max_topics,
         principal,
-        Outbound::new(tx, closer.clone()),
+        mailbox.clone(),
         Arc::clone(&state.hub),
         Arc::clone(&state.presence),
         Arc::clone(&state.metrics),
@@ -152,7 +150,7 @@ async fn serve(socket: WebSocket, state: &Endpoint, principal: Option<Principal>
     .with_feed(state.feed.clone());
     let mut session = Session {
         socket,
-        queue,
+        mailbox,
         pending: None,
         channels,
         pushes: TokenBucket::new(state.limits.max_pushes_per_sec, state.limits.push_burst),
@@ -166,17 +164,18 @@ async fn serve(socket: WebSocket, state: &Endpoint, principal: Option<Principal>
             biased;
             // The drain normally closes sockets in paced batches; this closes whatever it did not reach.
             () = state.close_all.cancelled() => Step::Close(CloseCode::ShuttingDown),
-            kick = closer.closed() => Step::Kicked(kick),
+            next = session.mailbox.next() => match next {
+                Next::Kicked(kick) => Step::Kicked(kick),
+                Next::Frame(frame) => Step::Write(frame),
+            },
             () = &mut idle => Step::Close(CloseCode::IdleTimeout),
             () = &mut expiry, if expires_in.is_some() => Step::Close(CloseCode::TokenExpired),
-            // `Channels` holds a sender for as long as this loop runs, so the queue never ends here.
-            Some(frame) = session.queue.recv() => Step::Write(frame),
             message = session.socket.next() => Step::Inbound(message),
         };
         // Only the write of queued frames, the hot path, runs inline. Every other step is boxed: what a
         // step awaits is part of the task's size for the socket's whole life, and most sockets are idle.
         let flow = match step {
-            Step::Write(first) => session.write_queued(first, &closer).await,
+            Step::Write(first) => session.write_queued(first).await,
             Step::Inbound(None) => ControlFlow::Break(End::ClientWentAway),
             Step::Inbound(Some(Err(error))) => {
                 ControlFlow::Break(Box::pin(session.read_failed(error)).await)
@@ -202,7 +201,7 @@ async fn serve(socket: WebSocket, state: &Endpoint, principal: Option<Principal>
 /// The socket and everything its session reads and writes.
 struct Session<'a> {
     socket: WebSocket,
-    queue: mpsc::Receiver<Queued>,
+    mailbox: Mailbox,
     /// The next queued frame to write, taken off the queue but not yet handed to the socket.
     pending: Option<Queued>,
     channels: Channels,
@@ -217,8 +216,9 @@ struct Session<'a> {
 impl Session<'_> {
     /// Writes a batch of queued frames, `first` first. A kick interrupts the batch and is handled on the
     /// next turn of the loop.
-    async fn write_queued(&mut self, first: Queued, closer: &Closer) -> ControlFlow<End> {
+    async fn write_queued(&mut self, first: Queued) -> ControlFlow<End> {
         self.pending = Some(first);
+        let mailbox = self.mailbox.clone();
         // Cancelling `write_batch` loses no frame (see there).
         tokio::select! {
             written = timeout(WRITE_TIMEOUT, self.write_batch()) => match written {
@@ -226,7 +226,7 @@ impl Session<'_> {
                 Ok(Err(_)) => ControlFlow::Break(End::WriteFailed),
                 Err(_) => ControlFlow::Break(End::WriteTimedOut),
             },
-            _ = closer.closed() => ControlFlow::Continue(()),
+            _ = mailbox.kicked() => ControlFlow::Continue(()),
         }
     }
 
@@ -242,7 +242,7 @@ impl Session<'_> {
         let mut first_received = None;
         while written < MAX_BATCH {
             if self.pending.is_none() {
-                let Ok(queued) = self.queue.try_recv() else {
+                let Some(queued) = self.mailbox.try_recv() else {
                     break;
                 };
                 self.pending = Some(queued);

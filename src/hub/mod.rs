@@ -2,24 +2,24 @@
 //! sessions belong to which user and token.
 //!
 //! Ingress hands the hub one encoded [`Frame`] per NATS message; the hub offers a clone (a reference-count
-//! bump) to the bounded queue of every subscribed socket. A socket whose queue is full is not waited for:
-//! its [`Closer`] is triggered with [`Kick::SlowConsumer`] and its session closes it. The same handle
-//! closes every socket of a user (`disconnect`) or of one token (`logout`). The hub knows neither NATS
-//! nor sockets.
+//! bump) to the [`Mailbox`] of every subscribed socket. A socket whose queue is full is not waited for:
+//! its mailbox is kicked with [`Kick::SlowConsumer`] and its session closes it. The same handle closes
+//! every socket of a user (`disconnect`) or of one token (`logout`). The hub knows neither NATS nor
+//! sockets.
+
+pub mod mailbox;
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
+pub use self::mailbox::{Mailbox, Next, Offered};
 use crate::protocol::Frame;
 
 /// A frame in a socket's queue, with the time its NATS message arrived (for the fan-out latency).
 ///
 /// One allocation per published message, shared by every socket it reaches: a queue slot is one pointer.
-/// Every socket's queue allocates its first block of slots up front, so the slot size is paid by idle
-/// sockets too (32 slots: 256 bytes instead of 1.5 KiB).
 #[derive(Debug, Clone)]
 pub struct Queued(Arc<Published>);
 
@@ -96,81 +96,12 @@ pub enum Kick {
     ShuttingDown,
 }
 
-/// Lets anyone ask one session to close its socket; the first reason given wins.
-#[derive(Debug, Clone, Default)]
-pub struct Closer {
-    token: CancellationToken,
-    kick: Arc<OnceLock<Kick>>,
-}
-
-impl Closer {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Returns whether this call was the first to close the socket.
-    pub fn close(&self, kick: Kick) -> bool {
-        let first = self.kick.set(kick).is_ok();
-        self.token.cancel();
-        first
-    }
-
-    /// Resolves once [`Self::close`] was called, with the first reason.
-    pub async fn closed(&self) -> Kick {
-        self.token.cancelled().await;
-        // `close` sets the reason before it cancels the token.
-        *self
-            .kick
-            .get()
-            .expect("a reason is set before the token is cancelled")
-    }
-}
-
-/// The sending side of one socket's outbound queue.
-#[derive(Debug, Clone)]
-pub struct Outbound {
-    tx: mpsc::Sender<Queued>,
-    closer: Closer,
-}
-
-impl Outbound {
-    pub fn new(tx: mpsc::Sender<Queued>, closer: Closer) -> Self {
-        Self { tx, closer }
-    }
-
-    /// Queues `queued` without waiting. A full queue closes the socket as a slow consumer instead.
-    pub fn offer(&self, queued: Queued) -> Offered {
-        match self.tx.try_send(queued) {
-            Ok(()) => Offered::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.closer.close(Kick::SlowConsumer) {
-                    Offered::Overflowed
-                } else {
-                    Offered::Closing
-                }
-            }
-            // The session is ending and will unsubscribe itself.
-            Err(mpsc::error::TrySendError::Closed(_)) => Offered::Closing,
-        }
-    }
-}
-
-/// What [`Outbound::offer`] did with a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offered {
-    Queued,
-    /// The queue was full: the socket is now closed as a slow consumer.
-    Overflowed,
-    /// The socket is already closing; the frame was dropped.
-    Closing,
-}
-
 /// An authenticated session, as `disconnect` and `logout` find it.
 #[derive(Debug)]
 struct Session {
     conn: ConnId,
     jti: Arc<str>,
-    closer: Closer,
+    mailbox: Mailbox,
 }
 
 /// What happened to one published frame.
@@ -196,7 +127,7 @@ impl Delivery {
 /// A socket on a topic, and whether it asked for positions.
 #[derive(Debug, Clone)]
 struct Subscriber {
-    outbound: Outbound,
+    mailbox: Mailbox,
     positions: bool,
 }
 
@@ -220,7 +151,7 @@ struct Subscribers {
     upstream: HashMap<UserId, Upstream>,
     next_generation: u64,
     /// Every socket, for the shutdown drain.
-    sockets: HashMap<ConnId, Closer>,
+    sockets: HashMap<ConnId, Mailbox>,
 }
 
 /// Topic → subscribed sockets. Cheap to share behind an `Arc`.
@@ -250,16 +181,13 @@ impl Hub {
     }
 
     /// Adds `conn` to `topic`. Subscribing twice is harmless: the second replaces the first.
-    pub fn subscribe(&self, topic: Topic, conn: ConnId, outbound: Outbound) {
-        self.subscribe_with(topic, conn, outbound, false);
+    pub fn subscribe(&self, topic: Topic, conn: ConnId, mailbox: Mailbox) {
+        self.subscribe_with(topic, conn, mailbox, false);
     }
 
     /// [`Self::subscribe`], with broadcasts carrying their position when `positions` is set.
-    pub fn subscribe_with(&self, topic: Topic, conn: ConnId, outbound: Outbound, positions: bool) {
-        let outbound = Subscriber {
-            outbound,
-            positions,
-        };
+    pub fn subscribe_with(&self, topic: Topic, conn: ConnId, mailbox: Mailbox, positions: bool) {
+        let outbound = Subscriber { mailbox, positions };
         let mut subs = self.write();
         match topic {
             Topic::Public => {
@@ -344,7 +272,7 @@ impl Hub {
             } else {
                 plain.clone()
             };
-            delivery.add(subscriber.outbound.offer(queued));
+            delivery.add(subscriber.mailbox.offer(queued));
         };
         match topic {
             Topic::Public => subs.public.values().for_each(&mut offer),
@@ -392,8 +320,8 @@ impl Hub {
     }
 
     /// Makes a socket reachable by [`Self::close_some`].
-    pub fn register_socket(&self, conn: ConnId, closer: Closer) {
-        self.write().sockets.insert(conn, closer);
+    pub fn register_socket(&self, conn: ConnId, mailbox: Mailbox) {
+        self.write().sockets.insert(conn, mailbox);
     }
 
     pub fn unregister_socket(&self, conn: ConnId) {
@@ -410,22 +338,22 @@ impl Hub {
         let subs = self.read();
         subs.sockets
             .values()
-            .filter(|closer| !closer.token.is_cancelled())
+            .filter(|mailbox| !mailbox.is_closing())
             .take(count)
-            .filter(|closer| closer.close(kick))
+            .filter(|mailbox| mailbox.close(kick))
             .count()
     }
 
     /// Makes an authenticated session reachable by [`Self::close_user`] and [`Self::close_token`]. The
     /// user's first session here announces the user's interest.
-    pub fn register_session(&self, user: UserId, conn: ConnId, jti: &str, closer: Closer) {
+    pub fn register_session(&self, user: UserId, conn: ConnId, jti: &str, mailbox: Mailbox) {
         let mut guard = self.write();
         let subs = &mut *guard;
         let list = subs.sessions.entry(user).or_default();
         list.push(Session {
             conn,
             jti: jti.into(),
-            closer,
+            mailbox,
         });
         if list.len() == 1
             && let Some(interest) = &self.interest
@@ -476,7 +404,7 @@ impl Hub {
         subs.sessions.get(&user).map_or(0, |list| {
             list.iter()
                 .filter(|session| matches(session))
-                .filter(|session| session.closer.close(kick))
+                .filter(|session| session.mailbox.close(kick))
                 .count()
         })
     }
@@ -503,35 +431,32 @@ mod tests {
     #[test]
     fn sessions_close_by_user_or_by_token() {
         let hub = Hub::new();
-        let (a, b, c) = (Closer::new(), Closer::new(), Closer::new());
+        let (a, b, c) = (Mailbox::new(1), Mailbox::new(1), Mailbox::new(1));
         let user = UserId::new(3);
         hub.register_session(user, 1, "jti-1", a.clone());
         hub.register_session(user, 2, "jti-2", b.clone());
         hub.register_session(UserId::new(4), 3, "jti-1", c.clone());
         assert_eq!(hub.close_token(user, "jti-1", Kick::Revoked), 1);
-        assert!(a.token.is_cancelled() && !b.token.is_cancelled() && !c.token.is_cancelled());
+        assert!(a.is_closing() && !b.is_closing() && !c.is_closing());
         hub.unregister_session(user, 1);
         assert_eq!(hub.close_user(user, Kick::Disconnected), 1);
-        assert_eq!(b.kick.get(), Some(&Kick::Disconnected));
+        assert_eq!(b.kick(), Some(Kick::Disconnected));
         // Closing twice counts once.
         assert_eq!(hub.close_user(user, Kick::Disconnected), 0);
     }
 
-    fn socket(capacity: usize) -> (Outbound, mpsc::Receiver<Queued>, Closer) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let closer = Closer::new();
-        (Outbound::new(tx, closer.clone()), rx, closer)
+    fn socket(capacity: usize) -> Mailbox {
+        Mailbox::new(capacity)
     }
 
     #[test]
     fn delivers_once_to_each_subscriber_of_the_topic() {
         let hub = Hub::new();
-        let (a, mut a_rx, _) = socket(4);
-        let (b, mut b_rx, _) = socket(4);
+        let (a, b) = (socket(4), socket(4));
         hub.subscribe(Topic::Public, 1, a.clone());
         hub.subscribe(Topic::Public, 1, a.clone());
-        hub.subscribe(Topic::User(UserId::new(9)), 1, a);
-        hub.subscribe(Topic::Public, 2, b);
+        hub.subscribe(Topic::User(UserId::new(9)), 1, a.clone());
+        hub.subscribe(Topic::Public, 2, b.clone());
 
         let frame: Frame = "x".into();
         assert_eq!(
@@ -553,11 +478,11 @@ mod tests {
                 .queued,
             0
         );
-        assert_eq!(a_rx.try_recv().unwrap().frame(), frame);
-        assert_eq!(a_rx.try_recv().unwrap().frame(), frame);
-        assert!(a_rx.try_recv().is_err());
-        assert_eq!(b_rx.try_recv().unwrap().frame(), frame);
-        assert!(b_rx.try_recv().is_err());
+        assert_eq!(a.try_recv().unwrap().frame(), frame);
+        assert_eq!(a.try_recv().unwrap().frame(), frame);
+        assert!(a.try_recv().is_none());
+        assert_eq!(b.try_recv().unwrap().frame(), frame);
+        assert!(b.try_recv().is_none());
 
         hub.unsubscribe(Topic::User(UserId::new(9)), 1);
         assert!(!hub.has_subscribers(Topic::User(UserId::new(9))));
@@ -566,10 +491,9 @@ mod tests {
     #[test]
     fn a_full_queue_marks_only_that_socket() {
         let hub = Hub::new();
-        let (slow, _slow_rx, slow_overflow) = socket(1);
-        let (fast, mut fast_rx, fast_overflow) = socket(8);
-        hub.subscribe(Topic::Role, 1, slow);
-        hub.subscribe(Topic::Role, 2, fast);
+        let (slow, fast) = (socket(1), socket(8));
+        hub.subscribe(Topic::Role, 1, slow.clone());
+        hub.subscribe(Topic::Role, 2, fast.clone());
         let frame: Frame = "x".into();
         hub.publish(Topic::Role, &frame, std::time::Instant::now());
         let second = hub.publish(Topic::Role, &frame, std::time::Instant::now());
@@ -580,9 +504,8 @@ mod tests {
                 overflowed: 1
             }
         );
-        assert!(slow_overflow.token.is_cancelled());
-        assert_eq!(slow_overflow.kick.get(), Some(&Kick::SlowConsumer));
-        assert!(!fast_overflow.token.is_cancelled());
-        assert!(fast_rx.try_recv().is_ok() && fast_rx.try_recv().is_ok());
+        assert_eq!(slow.kick(), Some(Kick::SlowConsumer));
+        assert!(!fast.is_closing());
+        assert!(fast.try_recv().is_some() && fast.try_recv().is_some());
     }
 }
