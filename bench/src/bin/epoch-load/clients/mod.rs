@@ -123,14 +123,15 @@ impl Session {
         }
     }
 
-    /// A message from the server; `Ok(Some(reply))` when it needs one, an error when it breaks the protocol.
-    fn on_message(&mut self, message: Message, stats: &Stats) -> Result<Option<Message>> {
+    /// A message from the server to socket `i`; `Ok(Some(reply))` when it needs one, an error when it
+    /// breaks the protocol.
+    fn on_message(&mut self, message: Message, i: u64, stats: &Stats) -> Result<Option<Message>> {
         match (self, message) {
             (Self::Phoenix(_), Message::Text(text)) => {
-                phoenix::Session::on_frame(&text, stats);
+                phoenix::Session::on_frame(&text, i, stats);
                 Ok(None)
             }
-            (Self::Nats(session), Message::Binary(data)) => session.on_data(&data, stats),
+            (Self::Nats(session), Message::Binary(data)) => session.on_data(&data, i, stats),
             _ => Ok(None),
         }
     }
@@ -180,7 +181,7 @@ async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: Cancellat
                     stats.closed(close.map_or(0, |c| u16::from(c.code)));
                     return;
                 }
-                Some(Ok(message)) => match session.on_message(message, &stats) {
+                Some(Ok(message)) => match session.on_message(message, i, &stats) {
                     Ok(Some(reply)) => ws.send(reply).await,
                     Ok(None) => continue,
                     Err(_) => {
@@ -206,6 +207,8 @@ pub(crate) struct Held<T = ()> {
     tasks: JoinSet<T>,
     stop: CancellationToken,
     pub(crate) opened: u64,
+    /// The indices of the sockets that opened.
+    pub(crate) indices: Vec<u64>,
     pub(crate) failed: u64,
     pub(crate) first_error: Option<String>,
     pub(crate) secs: f64,
@@ -272,6 +275,7 @@ where
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let (mut opened, mut failed, mut first_error) = (0, 0, None);
+    let mut indices = Vec::new();
     let mut results = futures::stream::iter(0..n)
         .map(|i| {
             let opening = open(i);
@@ -282,6 +286,7 @@ where
         match result {
             Ok(Ok(socket)) => {
                 opened += 1;
+                indices.push(i);
                 tasks.spawn(hold(i, socket, stop.clone()));
             }
             Ok(Err(error)) => {
@@ -298,6 +303,7 @@ where
         tasks,
         stop,
         opened,
+        indices,
         failed,
         first_error,
         secs: started.elapsed().as_secs_f64(),

@@ -69,8 +69,9 @@ impl Session {
         }
     }
 
-    /// A frame from the gateway: a reply to a control frame or a query (timed by its ref), or a delivery.
-    pub(crate) fn on_frame(text: &str, stats: &Stats) {
+    /// A frame from the gateway to socket `socket`: a reply to a control frame or a query (timed by its
+    /// ref), or a delivery.
+    pub(crate) fn on_frame(text: &str, socket: u64, stats: &Stats) {
         let body = text.as_bytes();
         if let Some(sent) = body.strip_prefix(b"[null,\"h").and_then(leading_number) {
             stats.on_reply(sent);
@@ -86,6 +87,6 @@ impl Session {
             }
             return;
         }
-        stats.on_delivery(body);
+        stats.on_delivery(socket, body);
     }
 }

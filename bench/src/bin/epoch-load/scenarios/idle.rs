@@ -25,7 +25,7 @@ impl Measure for Idle {
     async fn run(args: &Args, target: &Target) -> Result<Run<IdleFigures>> {
         tokio::time::sleep(Duration::from_secs_f64(args.settle_secs / 3.0)).await;
         let before = sample(target.pid)?;
-        let stats = Arc::new(Stats::new());
+        let stats = Arc::new(Stats::new(args.sockets));
         let held = target.open(args, &stats).await?;
         tokio::time::sleep(Duration::from_secs_f64(args.settle_secs)).await;
         let after = sample(target.pid)?;

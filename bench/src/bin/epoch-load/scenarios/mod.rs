@@ -299,7 +299,7 @@ impl Target {
     /// Opens the sockets, with figures of their own, and samples the server: where the measurement of most
     /// scenarios starts.
     pub(crate) async fn start(&self, args: &Args) -> Result<(Arc<Stats>, Held, ProcSample)> {
-        let stats = Arc::new(Stats::new());
+        let stats = Arc::new(Stats::new(args.sockets));
         let held = self.open(args, &stats).await?;
         let from = sample(self.pid)?;
         Ok((stats, held, from))

@@ -29,7 +29,7 @@ impl Measure for Reconnect {
     type Figures = ReconnectFigures;
 
     async fn run(args: &Args, target: &Target) -> Result<Run<ReconnectFigures>> {
-        let stats = Arc::new(Stats::new());
+        let stats = Arc::new(Stats::new(args.sockets));
         let held = target.open(args, &stats).await?;
         let first_open = Opened::of(&held);
         tokio::time::sleep(BEFORE_DROP).await;

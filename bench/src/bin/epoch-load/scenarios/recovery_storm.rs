@@ -150,7 +150,7 @@ impl Measure for RecoveryStorm {
             b.addr,
             b.pid()
         );
-        let stats = Arc::new(Stats::new());
+        let stats = Arc::new(Stats::new(args.sockets));
         let storm = Arc::new(Storm::new(b.addr, args.concurrency));
         let on_a = a.addr;
         let held = open_each(

@@ -118,7 +118,7 @@ impl Measure for ScaleOut {
     async fn run(args: &Args, target: &Target) -> Result<Run<ScaleOutFigures>> {
         let first = target.gateway().context("scale-out runs on the gateway")?;
         let nats_pid = target.backing_pid.context("the gateway's nats-server")?;
-        let stats = Arc::new(Stats::new());
+        let stats = Arc::new(Stats::new(args.sockets));
         let start = sample(target.pid)?;
         let (mut steps, mut seq, mut opened) = (Vec::new(), 0, None);
         for &k in &args.instances {
