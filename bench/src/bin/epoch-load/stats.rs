@@ -172,6 +172,18 @@ pub(crate) fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
+/// The middle value (the mean of the two middle ones for an even count; NaN for none).
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // What the sockets record
 
@@ -401,6 +413,13 @@ mod tests {
         assert_eq!(latency.p99_ms, 0.099);
         assert_eq!(latency.max_ms, 0.100);
         assert!(percentiles(&[0; 4]).p99_ms.is_nan());
+    }
+
+    #[test]
+    fn the_median_is_the_middle_value() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0]), 2.5);
+        assert!(median(&[]).is_nan());
     }
 
     #[test]
