@@ -7,7 +7,7 @@
 //! pointer) → the socket's bounded queue (the gateway's default length; a full queue closes the socket as a
 //! slow consumer, 4001, as the gateway does) → the socket's one task, which writes queued frames in batches
 //! with one flush → the socket (axum, the gateway's WebSocket stack, with its 1 KiB read and 8 KiB write
-//! buffers, so that memory figures compare).
+//! buffers, so that memory figures compare, on a listener bound like the gateway's).
 //!
 //! Nothing else: no authentication, no channels, no presence, no event stream, no metrics.
 //! `GET /socket/websocket?user=<id>` subscribes the socket to `user:public`, `user:role` and `user:<id>` at
@@ -31,12 +31,12 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::serve::ListenerExt as _;
 use clap::Parser;
+use epoch_gateway::app::listen;
 use epoch_gateway::broker::ingress;
 use epoch_gateway::protocol::{self, CloseCode, EVENT_HEARTBEAT, EVENT_JOIN, Frame, PHOENIX_TOPIC};
 use epoch_gateway::topic::Topic;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 
 /// The gateway's read buffer per socket (`READ_BUFFER_BYTES` of `src/ws/mod.rs`).
@@ -51,8 +51,6 @@ const QUEUE_FRAMES: usize = 1024;
 const MAX_BATCH: usize = 64;
 /// The gateway's `WRITE_TIMEOUT`: a write that cannot finish within it means the client stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The gateway's `LISTEN_BACKLOG`: a reconnect storm arrives at once.
-const LISTEN_BACKLOG: u32 = 4096;
 
 #[derive(Parser)]
 #[command(
@@ -243,17 +241,6 @@ async fn ingress(client: async_nats::Client, prefix: String, hub: Arc<Hub>) -> R
         }
     }
     anyhow::bail!("the NATS subscription ended")
-}
-
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
 }
 
 #[tokio::main]
