@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Load benchmark of the gateway against nats-server's own WebSocket listener (docs/benchmarks.md).
+# Load benchmark of the gateway against nats-server's own WebSocket listener (the baseline) and the bare
+# server (the lower bound), all three in the same run (docs/benchmarks.md).
 #
-#   scripts/bench.sh           the full run: every scenario at the sizes of issue 6 (about 27 minutes, 10 of
-#                              them the soak),
+#   scripts/bench.sh           the full run: every scenario at the sizes of issue 6, the shared scenarios on
+#                              the three targets (the soak, 10 minutes, on the gateway alone),
 #                              reports in target/bench/*.json, plot in docs/benchmarks-latency.png
-#   scripts/bench.sh --smoke   200 sockets, a few seconds per scenario, no plot (CI: keeps the tool alive)
+#   scripts/bench.sh --smoke   200 sockets, a few seconds per scenario, every target, no plot (CI: keeps the
+#                              tool and its rules alive)
 #
-# Builds the gateway and the load tool (crate epoch-bench, bench/) in release mode and installs nats-server
-# if needed; each scenario starts and stops its own nats-server and gateway(s). Exit status: non-zero when
-# the tool fails (a process does not start, sockets cannot be opened, ...) and when a delivery scenario
-# (recovery-storm, scale-out) finds an event lost or duplicated, a recovery refused or a socket closed; not
-# when a figure misses its target: the targets are judged in docs/benchmarks.md, against the baseline
-# measured in the same run. The delivery scenarios run on the gateway alone (nats-server's WebSocket
-# listener has no equivalent) and come last.
+# Builds the gateway, the load tool and the bare server (crate epoch-bench, bench/) in release mode and
+# installs nats-server if needed; each scenario starts and stops its own servers, and a driver process per
+# target. Exit status: non-zero when the tool fails (a process does not start, sockets cannot be opened,
+# ...), when a ratio lacks a side (a target ran but has no value for a compared figure, say no broadcast
+# step that kept up), and when a delivery scenario (recovery-storm, scale-out) finds an event lost or
+# duplicated, a recovery refused or a socket closed; not when a figure misses its target: the targets are
+# judged in docs/benchmarks.md, against the baseline measured in the same run. The delivery scenarios run
+# on the gateway alone (the other targets have no equivalent) and come last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,10 +26,10 @@ case "${1:-}" in
   *) echo "usage: $0 [--smoke]" >&2; exit 2 ;;
 esac
 
-# The gateway alone, as it ships (deploy/Dockerfile builds it the same way), then the load tool, which
-# starts the gateway next to its own executable.
+# The gateway alone, as it ships (deploy/Dockerfile builds it the same way), then the load tool and the bare
+# server; the tool starts the gateway and the bare server next to its own executable.
 cargo build --release --locked --bin epoch-gateway
-cargo build --release --locked -p epoch-bench --bin epoch-load
+cargo build --release --locked -p epoch-bench --bin epoch-load --bin bare_server
 scripts/setup.sh --nats-only
 out=target/bench
 mkdir -p "$out"
@@ -40,13 +43,15 @@ run() {
 }
 
 if [ "$smoke" = 1 ]; then
+  # The shared scenarios on all three targets (the default), alternated; idle and reconnect twice each, so
+  # that whole measurements alternate too.
   small=(--sockets 200 --settle-secs 1)
-  run smoke-idle idle "${small[@]}"
+  run smoke-idle idle "${small[@]}" --repeats 2
   run smoke-broadcast broadcast "${small[@]}" --start-rate 20 --step-factor 4 --step-secs 1 --max-steps 3
   run smoke-broadcast-latency broadcast-latency "${small[@]}" --secs 2
   run smoke-per-user per-user "${small[@]}" --rates 500 --secs 2
-  run smoke-reconnect reconnect "${small[@]}"
-  run smoke-is-online is-online "${small[@]}" --rates 500 --per-user-rate 200 --secs 2 --repeats 2
+  run smoke-reconnect reconnect "${small[@]}" --repeats 2
+  run smoke-is-online is-online "${small[@]}" --rates 500 --per-user-rate 200 --secs 2 --repeats 1
   run smoke-soak soak --targets gateway "${small[@]}" --per-user-rate 200 --secs 4 --sample-secs 2
   run smoke-recovery-storm recovery-storm "${small[@]}" --rate 250 --secs 2
   run smoke-scale-out scale-out "${small[@]}" --rates 500 --secs 2 --instances 1,2,4
@@ -57,7 +62,8 @@ if [ "$smoke" = 1 ]; then
   exit 0
 fi
 
-# As many sockets as the load tool's process can hold (open-file limit 20,000).
+# The shared scenarios run on all three targets (the default), their windows alternated. As many sockets as
+# one driver process can hold (open-file limit 20,000): each target's driver holds its own.
 run idle idle --sockets 19000
 run broadcast broadcast --sockets 10000 --start-rate 2 --step-factor 1.6 --step-secs 4
 run broadcast-latency broadcast-latency --sockets 10000 --secs 30
@@ -65,7 +71,8 @@ run per-user per-user --sockets 10000 --rates 1000,2500,5000,7500,10000 --secs 1
 # The per-user target's rate again, three windows pooled per server (a single window can catch a stall).
 run per-user-5000 per-user --sockets 10000 --rates 5000 --secs 10 --repeats 3
 run reconnect reconnect --sockets 10000
-# The baseline gets PINGs where the gateway gets heartbeats (the control); it has no is_online.
+# nats-server gets PINGs where the gateway and the bare server get heartbeats (the control); only the gateway
+# has is_online.
 run is-online is-online --sockets 10000 --rates 5000,10000 --per-user-rate 5000 --secs 10
 # Ten minutes of per-user load: RSS, file descriptors and threads sampled every 30 s.
 run soak soak --targets gateway --sockets 10000 --per-user-rate 5000 --secs 600 --sample-secs 30

@@ -4,8 +4,9 @@
     python3 scripts/plot_bench.py target/bench docs/benchmarks-latency.png
 
 Left: broadcast to N sockets, p50 and p99 publish -> receive latency against the deliveries/s offered at
-each step (gateway and nats-server's WebSocket listener, same run). Right: per-user messages, p50/p99/p999
-against the messages/s offered. Needs matplotlib (scripts/bench.sh installs it into .tools/py).
+each step (the gateway, nats-server's WebSocket listener and the bare server, same run); a step that did
+not keep up (a socket closed, < 99.9 % delivered, or p99 >= 1 s) is drawn hollow. Right: per-user messages,
+p50/p99/p999 against the messages/s offered. Needs matplotlib (scripts/bench.sh installs it into .tools/py).
 """
 
 import json
@@ -17,7 +18,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SIDES = (("gateway", "epoch-gateway", "tab:blue"), ("baseline", "nats-server WebSocket", "tab:orange"))
+SIDES = (
+    ("gateway", "epoch-gateway", "tab:blue"),
+    ("nats_ws", "nats-server WebSocket", "tab:orange"),
+    ("bare", "bare server (lower bound)", "tab:green"),
+)
 
 
 def load(directory: Path, name: str):
@@ -41,8 +46,13 @@ def main() -> int:
                 continue
             steps = side["steps"]
             x = [s["offered_deliveries_per_sec"] for s in steps]
-            left.plot(x, [s["latency"]["p50_ms"] for s in steps], "o-", color=colour, label=f"{label} p50")
-            left.plot(x, [s["latency"]["p99_ms"] for s in steps], "s--", color=colour, label=f"{label} p99")
+            for q, style, marker in (("p50_ms", "-", "o"), ("p99_ms", "--", "s")):
+                y = [s["latency"][q] for s in steps]
+                left.plot(x, y, style, color=colour, label=f"{label} {q[:3]}")
+                kept = [s["kept_up"] for s in steps]
+                left.scatter(
+                    x, y, marker=marker, color=[colour if k else "none" for k in kept], edgecolors=colour, zorder=3
+                )
         left.set_xscale("log")
         left.set_yscale("log")
         left.set_xlabel("offered deliveries/s (messages/s × sockets)")
@@ -70,7 +80,7 @@ def main() -> int:
         right.set_ylim(0.1, 100)
         right.legend(fontsize=7, ncol=2, loc="upper left")
 
-    fig.suptitle("epoch-gateway vs nats-server WebSocket listener, same run, same 2-core machine")
+    fig.suptitle("epoch-gateway, nats-server WebSocket listener and bare server, same run, same 2-core machine")
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=110)

@@ -53,7 +53,12 @@ pub struct Application {
 /// storm arrives at once; with the usual 128, the surplus SYNs are dropped and retried a second later.
 const LISTEN_BACKLOG: u32 = 4096;
 
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// The instance's listener on `addr`, with [`LISTEN_BACKLOG`] (the load tool's bare server binds the same
+/// way, so that the two compare).
+///
+/// # Errors
+/// When `addr` cannot be bound.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

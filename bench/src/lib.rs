@@ -1,7 +1,8 @@
 //! What the benchmark programs of epoch-gateway share. The programs (`src/bin/`):
 //!
-//! - `epoch-load`: the load tool, the gateway against nats-server's own WebSocket listener in the same run
-//!   (docs/benchmarks.md, `scripts/bench.sh`);
+//! - `epoch-load`: the load tool, the gateway against nats-server's own WebSocket listener and against
+//!   `bare_server` in the same run (docs/benchmarks.md, `scripts/bench.sh`);
+//! - `bare_server`: the lower bound `epoch-load` measures the gateway against, delivery and nothing else;
 //! - `presence_bench`: what cluster-wide presence costs and how fast it answers (docs/presence-benchmark.md,
 //!   `scripts/bench-presence.sh`);
 //! - `tracing_overhead`: broadcast fan-out with trace export off and sampled out (docs/tracing-overhead.md).

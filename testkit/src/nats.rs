@@ -1,5 +1,6 @@
 //! nats-server processes: one server with JetStream (what a gateway needs), one with a plain WebSocket
-//! listener (the load tool's baseline), or a 3-node JetStream cluster from `nats/cluster/`.
+//! listener (the load tool's baseline), one with core NATS only, or a 3-node JetStream cluster from
+//! `nats/cluster/`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -21,6 +22,8 @@ pub enum Serves {
     JetStream,
     /// A WebSocket listener without TLS, and no JetStream: nats-server as a WebSocket server of its own.
     WebSocket,
+    /// Core NATS only: what a server that needs no stream or bucket connects to.
+    Core,
 }
 
 /// A nats-server on loopback with its own temporary directory. Fields drop in order: the process, then its
@@ -87,14 +90,16 @@ impl Nats {
             conf.push_str(&format!("http: \"127.0.0.1:{http_port}\"\n"));
         }
         let ws_port = (serves == Serves::WebSocket).then(free_port);
-        match ws_port {
-            None => conf.push_str(&format!(
+        if serves == Serves::JetStream {
+            conf.push_str(&format!(
                 "jetstream {{ store_dir: \"{}\" }}\n",
                 dir.path().join("js").display()
-            )),
-            Some(ws_port) => conf.push_str(&format!(
+            ));
+        }
+        if let Some(ws_port) = ws_port {
+            conf.push_str(&format!(
                 "websocket {{\n  listen: \"127.0.0.1:{ws_port}\"\n  no_tls: true\n}}\n"
-            )),
+            ));
         }
         let conf_path = dir.path().join("nats.conf");
         std::fs::write(&conf_path, conf)?;

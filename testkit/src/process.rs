@@ -28,6 +28,11 @@ impl Process {
         self.0.id()
     }
 
+    /// The child's stdout, when it was spawned with a pipe there; taken once, by whoever reads it.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.0.stdout.take()
+    }
+
     /// Kills the process (SIGKILL) and reaps it; nothing happens when it has already exited.
     pub fn kill(&mut self) {
         let _ = self.0.kill();

@@ -1,4 +1,5 @@
-//! The command line: one scenario per run, the servers to measure, and the sizes of the load.
+//! The command line: one scenario per run, the servers to measure, and the sizes of the load; and the hidden
+//! `--drive` of a driver process, which the tool passes to itself ([`crate::driver`]).
 
 use std::path::PathBuf;
 
@@ -6,7 +7,11 @@ use anyhow::{Result, ensure};
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
-/// Most sockets in one run: this process holds every client end, under the open-file limit of 20,000.
+use crate::clients::Kind;
+use crate::driver::Remote;
+
+/// Most sockets of one target: one process (a driver, or this one for the gateway-only scenarios) holds
+/// every client end of a target, under the open-file limit of 20,000.
 const MAX_SOCKETS: u64 = 19_500;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -56,19 +61,37 @@ impl Scenario {
     }
 }
 
+/// A server or a set of servers on the command line (`--targets gateway,bare`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Targets {
-    /// The gateway, then nats-server's WebSocket listener (ratios reported).
+    /// The gateway, nats-server's WebSocket listener and the bare server (ratios to both).
+    All,
+    /// The gateway and nats-server's WebSocket listener.
     Both,
     Gateway,
+    /// nats-server's WebSocket listener: the baseline.
     Nats,
+    /// `bare_server`: the lower bound, delivery and nothing else.
+    Bare,
+}
+
+impl Targets {
+    fn kinds(self) -> &'static [Kind] {
+        match self {
+            Self::All => &[Kind::Gateway, Kind::Nats, Kind::Bare],
+            Self::Both => &[Kind::Gateway, Kind::Nats],
+            Self::Gateway => &[Kind::Gateway],
+            Self::Nats => &[Kind::Nats],
+            Self::Bare => &[Kind::Bare],
+        }
+    }
 }
 
 #[derive(Parser, Debug, Serialize)]
 #[command(
     name = "epoch-load",
-    about = "Load tool: epoch-gateway against nats-server's WebSocket listener, same run, same machine"
+    about = "Load tool: epoch-gateway against nats-server's WebSocket listener and a bare server, same run, same machine"
 )]
 pub(crate) struct Args {
     pub(crate) scenario: Scenario,
@@ -79,9 +102,10 @@ pub(crate) struct Args {
     /// how many the tool keeps in flight). recovery-storm: also the reconnect handshakes in flight.
     #[arg(long, default_value_t = 256)]
     pub(crate) concurrency: usize,
-    /// Which servers to measure: by default both, the gateway alone for recovery-storm and scale-out.
-    #[arg(long, value_enum)]
-    pub(crate) targets: Option<Targets>,
+    /// Which servers to measure (comma-separated): by default all three, the gateway alone for
+    /// recovery-storm and scale-out. Their windows alternate, one target after the other.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub(crate) targets: Vec<Targets>,
     /// per-user and scale-out: offered messages per second, one measurement per rate.
     #[arg(long, value_delimiter = ',', default_value = "5000")]
     pub(crate) rates: Vec<f64>,
@@ -97,7 +121,8 @@ pub(crate) struct Args {
     pub(crate) per_user_rate: f64,
     /// per-user and is-online: rounds of windows, pooled per rate and condition (each window's p99 is kept
     /// too). per-user: the rates once per round (default 1 round); is-online: alone, then control frames and
-    /// queries at each rate (default 3 rounds).
+    /// queries at each rate (default 3 rounds). idle, reconnect and broadcast-latency: measurements, each
+    /// target's alternated with the others' (default 1).
     #[arg(long)]
     pub(crate) repeats: Option<u32>,
     /// soak: seconds per sampling window.
@@ -118,8 +143,7 @@ pub(crate) struct Args {
     /// broadcast: most steps.
     #[arg(long, default_value_t = 16)]
     pub(crate) max_steps: u32,
-    /// Seconds left to a server after the sockets are opened, before RSS is read (idle), and pause between
-    /// the gateway run and the baseline run.
+    /// Seconds left to a server after the sockets are opened, before RSS is read (idle).
     #[arg(long, default_value_t = 3.0)]
     pub(crate) settle_secs: f64,
     /// Write the report as JSON to this file.
@@ -135,6 +159,13 @@ pub(crate) struct Args {
     /// The nats-server binary (by default NATS_SERVER_BIN, else the one `scripts/setup.sh` installs).
     #[arg(long, default_value_os_t = epoch_testkit::nats_server_bin())]
     pub(crate) nats_server: PathBuf,
+    /// The bare server (by default the build next to this program: `cargo build --release -p epoch-bench`).
+    #[arg(long, default_value_os_t = epoch_testkit::gateway_bin().with_file_name("bare_server"))]
+    pub(crate) bare_bin: PathBuf,
+    /// Run as the driver of one target: hold its sockets and measure on the turns the parent gives.
+    #[arg(long, hide = true, value_parser = Remote::parse)]
+    #[serde(skip)]
+    pub(crate) drive: Option<Remote>,
 }
 
 impl Args {
@@ -143,11 +174,11 @@ impl Args {
         ensure!(self.sockets > 0, "--sockets must be > 0");
         ensure!(
             self.sockets <= MAX_SOCKETS,
-            "at most 19,500 sockets: this process holds every client end (open-file limit 20,000)"
+            "at most 19,500 sockets: one process holds every client end of a target (open-file limit 20,000)"
         );
         ensure!(
-            !(self.scenario.gateway_only() && self.targets.is_some_and(|t| t != Targets::Gateway)),
-            "{} runs on the gateway only: nats-server's WebSocket listener has no equivalent",
+            !(self.scenario.gateway_only() && self.kinds() != [Kind::Gateway]),
+            "{} runs on the gateway only: the other servers have no equivalent",
             self.scenario.name()
         );
         ensure!(
@@ -171,13 +202,19 @@ impl Args {
         setting_in(&self.gateway_settings, key)
     }
 
-    /// The servers measured (`--targets`).
-    pub(crate) fn targets(&self) -> Targets {
-        match self.targets {
-            Some(targets) => targets,
-            None if self.scenario.gateway_only() => Targets::Gateway,
-            None => Targets::Both,
-        }
+    /// The servers measured (`--targets`), each once, in the order gateway, nats-ws, bare.
+    pub(crate) fn kinds(&self) -> Vec<Kind> {
+        let chosen: Vec<Kind> = match self.targets.as_slice() {
+            [] if self.scenario.gateway_only() => vec![Kind::Gateway],
+            [] => Targets::All.kinds().to_vec(),
+            targets => targets.iter().flat_map(|t| t.kinds()).copied().collect(),
+        };
+        Targets::All
+            .kinds()
+            .iter()
+            .copied()
+            .filter(|kind| chosen.contains(kind))
+            .collect()
     }
 
     /// Rounds of windows (`--repeats`), by default 3 for is-online and 1 otherwise.

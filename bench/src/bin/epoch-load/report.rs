@@ -1,28 +1,38 @@
 //! The report of a run, as typed values: written as JSON (`--json`, read by `scripts/plot_bench.py`) and
-//! summed up as a table of headline figures, each with the gateway's value, the baseline's, their ratio,
-//! and the target when it has one.
+//! summed up as a table of headline figures, each with the value of every server measured (the gateway,
+//! nats-server's WebSocket listener, the bare server), the gateway's ratio to each of the other two, and
+//! the target when it has one.
 //!
-//! Each server's part is a [`TargetReport`]: how the sockets opened, the scenario's own figures (a type of
-//! each scenario, in `scenarios/`), and the server's CPU and memory; in JSON the three are one object.
+//! Each server's part is a [`TargetReport`], built where that server's load ran (its driver): how the
+//! sockets opened, the scenario's own figures (a type of each scenario, in `scenarios/`), the server's
+//! memory and closes, and the CPU of its measured turns; in JSON the four are one object. The driver also
+//! takes its values of the headline rows ([`Headlines`] over its report); the main process runs the same
+//! row definitions without a report and puts every server's values side by side ([`table`]).
+//!
+//! The rules of the table: a ratio needs both of its sides. When the gateway and another server both ran,
+//! a figure compared between them that either lacks is a failure of the run, never a pass; a target set
+//! against nats-server is not judged when nats-server did not run.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use crate::cli::{Args, Scenario};
-use crate::clients::Held;
+use crate::clients::{Held, Kind};
+use crate::driver::Outcome;
 
 /// Everything one run measured.
 #[derive(Serialize)]
-pub(crate) struct Report<'a, F> {
+pub(crate) struct Report<'a> {
     pub(crate) scenario: Scenario,
     pub(crate) args: &'a Args,
     pub(crate) cpus: usize,
     pub(crate) headlines: &'a [Headline],
-    /// Promises of the gateway the run found broken (the run failed): empty when it passed.
+    /// Promises broken and ratios that lack a side (the run failed): empty when it passed.
     pub(crate) failures: &'a [String],
-    pub(crate) gateway: Option<&'a TargetReport<F>>,
-    pub(crate) baseline: Option<&'a TargetReport<F>>,
+    pub(crate) gateway: Option<&'a serde_json::Value>,
+    pub(crate) nats_ws: Option<&'a serde_json::Value>,
+    pub(crate) bare: Option<&'a serde_json::Value>,
 }
 
 /// One server's run of a scenario, with the scenario's figures `F`.
@@ -34,12 +44,8 @@ pub(crate) struct TargetReport<F> {
     pub(crate) figures: F,
     #[serde(flatten)]
     pub(crate) server: ServerFigures,
-    /// The load tool's own CPU over this server's run (the two share the machine's cores).
-    pub(crate) load_tool_cpu_secs: f64,
-    pub(crate) load_tool_cpu_percent: f64,
-    /// The JetStream nats-server behind the gateway (absent for the baseline, which is that server).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) backing_nats_cpu_percent: Option<f64>,
+    #[serde(flatten)]
+    pub(crate) cpu: CpuFigures,
 }
 
 /// How opening the sockets went.
@@ -64,60 +70,84 @@ impl Opened {
     }
 }
 
-/// The server under test at the end of a scenario.
+/// The server under test at the end of a scenario, its sockets still open.
 #[derive(Serialize)]
 pub(crate) struct ServerFigures {
     pub(crate) server_rss_mib: f64,
-    /// From the start of the scenario's measurement to its end.
-    pub(crate) server_cpu_percent: f64,
+    /// The nats-server behind the gateway or the bare server (none for nats-ws, which is that server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) backing_nats_rss_mib: Option<f64>,
     /// Sockets closed by the server, or broken, while held.
     pub(crate) unexpected_closes: u64,
     /// The same by close code (0: no close frame).
     pub(crate) closes_by_code: BTreeMap<String, u64>,
 }
 
-/// A headline figure of a scenario: the gateway's, the baseline's, their ratio, and the target.
+/// CPU over the target's measured turns (its windows, steps, measurements), not over its setup or the
+/// other targets' turns.
 #[derive(Serialize)]
-pub(crate) struct Headline {
-    figure: String,
-    gateway: Option<f64>,
-    baseline: Option<f64>,
-    ratio: Option<f64>,
-    target: String,
-    met: Option<bool>,
+pub(crate) struct CpuFigures {
+    pub(crate) measured_secs: f64,
+    pub(crate) server_cpu_percent: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) backing_nats_cpu_percent: Option<f64>,
+    /// The load tool's own (the target's driver): it shares the machine's cores with the servers.
+    pub(crate) load_tool_cpu_secs: f64,
+    pub(crate) load_tool_cpu_percent: f64,
 }
 
-/// The headline table of a run, built one figure at a time from both servers' reports.
+/// How a headline row is judged.
+#[derive(Clone, Copy)]
+enum Judge {
+    Not,
+    /// By the gateway's value alone.
+    Alone(fn(f64) -> bool),
+    /// By the gateway's value and its ratio to nats-server's.
+    AgainstNats(fn(f64, f64) -> bool),
+}
+
+/// A headline row, apart from its values.
+struct Row {
+    figure: String,
+    target: String,
+    judge: Judge,
+    /// Whether every server has the figure, so that each ratio must have both sides.
+    compared: bool,
+}
+
+/// The headline rows of a scenario, defined one at a time; with a report, each row's value in it.
 pub(crate) struct Headlines<'a, F> {
-    gateway: Option<&'a TargetReport<F>>,
-    baseline: Option<&'a TargetReport<F>>,
-    rows: Vec<Headline>,
+    report: Option<&'a TargetReport<F>>,
+    rows: Vec<Row>,
+    values: Vec<Option<f64>>,
 }
 
 impl<'a, F> Headlines<'a, F> {
-    pub(crate) fn new(
-        gateway: Option<&'a TargetReport<F>>,
-        baseline: Option<&'a TargetReport<F>>,
-    ) -> Self {
+    /// The rows, with their values in `report` when there is one.
+    pub(crate) fn of(report: Option<&'a TargetReport<F>>) -> Self {
         Self {
-            gateway,
-            baseline,
+            report,
             rows: Vec::new(),
+            values: Vec::new(),
         }
     }
 
-    /// A figure with no target.
+    /// A figure every server has, with no target.
     pub(crate) fn info(
         &mut self,
         figure: impl Into<String>,
         value: impl Fn(&TargetReport<F>) -> f64,
     ) {
-        self.push(
-            figure.into(),
-            value,
-            "—",
-            None::<fn(f64, Option<f64>) -> bool>,
-        );
+        self.push(figure, "—", Judge::Not, true, value);
+    }
+
+    /// A figure only some servers have (`is_online`, a nats-server behind the server): no ratio is owed.
+    pub(crate) fn own(
+        &mut self,
+        figure: impl Into<String>,
+        value: impl Fn(&TargetReport<F>) -> f64,
+    ) {
+        self.push(figure, "—", Judge::Not, false, value);
     }
 
     /// A count whose target is 0 (messages lost, sockets closed).
@@ -126,71 +156,253 @@ impl<'a, F> Headlines<'a, F> {
         figure: impl Into<String>,
         value: impl Fn(&TargetReport<F>) -> f64,
     ) {
-        self.judged(figure, value, "0", |g, _| g == 0.0);
+        self.judged(figure, value, "0", |g| g == 0.0);
     }
 
-    /// A figure judged against `target` by `met(gateway's value, gateway / baseline)`.
+    /// A figure every server has, whose target is met when `met(gateway's value)`.
     pub(crate) fn judged(
         &mut self,
         figure: impl Into<String>,
         value: impl Fn(&TargetReport<F>) -> f64,
         target: &str,
-        met: impl Fn(f64, Option<f64>) -> bool,
+        met: fn(f64) -> bool,
     ) {
-        self.push(figure.into(), value, target, Some(met));
+        self.push(figure, target, Judge::Alone(met), true, value);
+    }
+
+    /// [`Headlines::judged`] for a figure only the gateway has.
+    pub(crate) fn own_judged(
+        &mut self,
+        figure: impl Into<String>,
+        value: impl Fn(&TargetReport<F>) -> f64,
+        target: &str,
+        met: fn(f64) -> bool,
+    ) {
+        self.push(figure, target, Judge::Alone(met), false, value);
+    }
+
+    /// A figure whose target is met when `met(gateway's value, gateway / nats-server)`; not judged when
+    /// nats-server did not run.
+    pub(crate) fn against_nats(
+        &mut self,
+        figure: impl Into<String>,
+        value: impl Fn(&TargetReport<F>) -> f64,
+        target: &str,
+        met: fn(f64, f64) -> bool,
+    ) {
+        self.push(figure, target, Judge::AgainstNats(met), true, value);
     }
 
     fn push(
         &mut self,
-        figure: String,
-        value: impl Fn(&TargetReport<F>) -> f64,
+        figure: impl Into<String>,
         target: &str,
-        met: Option<impl Fn(f64, Option<f64>) -> bool>,
+        judge: Judge,
+        compared: bool,
+        value: impl Fn(&TargetReport<F>) -> f64,
     ) {
-        // A figure that could not be measured (no samples: NaN) has no value.
-        let value_of =
-            |report: Option<&TargetReport<F>>| report.map(&value).filter(|v| !v.is_nan());
-        let (gateway, baseline) = (value_of(self.gateway), value_of(self.baseline));
-        let ratio = gateway
-            .zip(baseline)
-            .filter(|&(_, b)| b != 0.0)
-            .map(|(g, b)| g / b);
-        self.rows.push(Headline {
-            figure,
-            gateway,
-            baseline,
-            ratio,
+        self.rows.push(Row {
+            figure: figure.into(),
             target: target.to_owned(),
-            met: gateway.zip(met).map(|(g, met)| met(g, ratio)),
+            judge,
+            compared,
         });
+        // A figure that could not be measured (no samples: NaN) has no value.
+        self.values
+            .push(self.report.map(&value).filter(|v| v.is_finite()));
     }
 
-    pub(crate) fn into_rows(self) -> Vec<Headline> {
-        self.rows
+    /// The report's value of every row, in order.
+    pub(crate) fn into_values(self) -> Vec<Option<f64>> {
+        self.values
     }
 }
 
-pub(crate) fn print_headlines(rows: &[Headline]) {
+/// A headline figure of a run: every server's value, the gateway's ratios, the target and whether it was
+/// met.
+#[derive(Serialize)]
+pub(crate) struct Headline {
+    figure: String,
+    gateway: Option<f64>,
+    nats_ws: Option<f64>,
+    bare: Option<f64>,
+    gateway_to_nats_ws: Option<f64>,
+    gateway_to_bare: Option<f64>,
+    target: String,
+    met: Option<bool>,
+}
+
+/// The headline table of `rows` over the servers' `outcomes`, and the ratios that lack a side.
+pub(crate) fn table<F>(
+    rows: Headlines<'_, F>,
+    outcomes: &[(Kind, Outcome)],
+) -> (Vec<Headline>, Vec<String>) {
+    let mut failures = Vec::new();
+    let mut table = Vec::with_capacity(rows.rows.len());
+    for (i, row) in rows.rows.into_iter().enumerate() {
+        // Outer `None`: the server did not run; inner: it ran and has no value.
+        let value = |kind: Kind| {
+            outcomes
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, outcome)| outcome.values.get(i).copied().flatten())
+        };
+        let (gateway, nats, bare) = (value(Kind::Gateway), value(Kind::Nats), value(Kind::Bare));
+        let ratio = |other: Option<Option<f64>>| {
+            gateway
+                .flatten()
+                .zip(other.flatten())
+                .filter(|&(_, o)| o != 0.0)
+                .map(|(g, o)| g / o)
+        };
+        if row.compared && gateway.is_some() {
+            let others = [(Kind::Nats, nats), (Kind::Bare, bare)];
+            let ran: Vec<(Kind, Option<f64>)> = others
+                .into_iter()
+                .filter_map(|(kind, v)| Some((kind, v?)))
+                .collect();
+            if !ran.is_empty() && gateway.flatten().is_none() {
+                failures.push(format!(
+                    "{}: the gateway has no value, so no ratio",
+                    row.figure.trim()
+                ));
+            }
+            for (kind, _) in ran.iter().filter(|(_, v)| v.is_none()) {
+                failures.push(format!(
+                    "{}: {} has no value, so no ratio to it",
+                    row.figure.trim(),
+                    kind.label()
+                ));
+            }
+        }
+        let to_nats = ratio(nats);
+        let met = match row.judge {
+            Judge::Not => None,
+            Judge::Alone(met) => gateway.flatten().map(met),
+            // A missing side is a failure above, and never a target met.
+            Judge::AgainstNats(met) => nats.map(|_| {
+                gateway
+                    .flatten()
+                    .zip(to_nats)
+                    .is_some_and(|(g, r)| met(g, r))
+            }),
+        };
+        table.push(Headline {
+            figure: row.figure,
+            gateway: gateway.flatten(),
+            nats_ws: nats.flatten(),
+            bare: bare.flatten(),
+            gateway_to_nats_ws: to_nats,
+            gateway_to_bare: ratio(bare),
+            target: row.target,
+            met,
+        });
+    }
+    (table, failures)
+}
+
+fn value_cell(v: Option<f64>) -> String {
+    v.map_or("—".to_owned(), |v| format!("{v:.3}"))
+}
+
+fn ratio_cell(v: Option<f64>) -> String {
+    v.map_or("—".to_owned(), |v| format!("{v:.2}"))
+}
+
+/// A column of the printed table: its heading, width and cell.
+type Column = (&'static str, usize, fn(&Headline) -> String);
+
+/// Prints the table with a column per server that ran, and the gateway's ratios to the others.
+pub(crate) fn print_headlines(rows: &[Headline], kinds: &[Kind]) {
+    let ran = |kind| kinds.contains(&kind);
+    let ratios = ran(Kind::Gateway);
+    let candidates: [(bool, Column); 5] = [
+        (
+            ran(Kind::Gateway),
+            ("gateway", 12, |r| value_cell(r.gateway)),
+        ),
+        (ran(Kind::Nats), ("nats-ws", 12, |r| value_cell(r.nats_ws))),
+        (ran(Kind::Bare), ("bare", 12, |r| value_cell(r.bare))),
+        (
+            ratios && ran(Kind::Nats),
+            ("gw/nats", 8, |r| ratio_cell(r.gateway_to_nats_ws)),
+        ),
+        (
+            ratios && ran(Kind::Bare),
+            ("gw/bare", 8, |r| ratio_cell(r.gateway_to_bare)),
+        ),
+    ];
+    let columns: Vec<Column> = candidates
+        .into_iter()
+        .filter_map(|(shown, column)| shown.then_some(column))
+        .collect();
     let width = rows
         .iter()
         .map(|r| r.figure.chars().count())
         .max()
         .unwrap_or(0);
-    let num = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.3}"));
-    println!(
-        "\n{:width$}  {:>12}  {:>12}  {:>8}  {:<28}  met",
-        "figure", "gateway", "nats-ws", "ratio", "target"
-    );
-    println!("{}", "-".repeat(width + 76));
+    let mut heading = format!("\n{:width$}", "figure");
+    for (name, w, _) in &columns {
+        heading.push_str(&format!("  {name:>w$}"));
+    }
+    println!("{heading}  {:<28}  met", "target");
+    let ruler = width + columns.iter().map(|(_, w, _)| w + 2).sum::<usize>() + 35;
+    println!("{}", "-".repeat(ruler));
     for r in rows {
+        let mut line = format!("{:width$}", r.figure);
+        for (_, w, cell) in &columns {
+            line.push_str(&format!("  {:>w$}", cell(r)));
+        }
         let met = r.met.map_or("", |ok| if ok { "yes" } else { "NO" });
-        println!(
-            "{:width$}  {:>12}  {:>12}  {:>8}  {:<28}  {met}",
-            r.figure,
-            num(r.gateway),
-            num(r.baseline),
-            r.ratio.map_or("—".to_owned(), |v| format!("{v:.2}")),
-            r.target
+        println!("{line}  {:<28}  {met}", r.target);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(values: &[Option<f64>]) -> Outcome {
+        Outcome {
+            report: serde_json::Value::Null,
+            values: values.to_vec(),
+            failures: Vec::new(),
+        }
+    }
+
+    fn rows() -> Headlines<'static, ()> {
+        let mut rows = Headlines::of(None);
+        rows.against_nats("deliveries/s", |_| 0.0, "≥ 3× nats-ws", |_, r| r >= 3.0);
+        rows.own("is_online p99", |_| 0.0);
+        rows
+    }
+
+    #[test]
+    fn a_ratio_without_its_other_side_fails_and_is_not_met() {
+        let outcomes = [
+            (Kind::Gateway, outcome(&[Some(9.0), Some(1.0)])),
+            (Kind::Nats, outcome(&[None, None])),
+            (Kind::Bare, outcome(&[Some(10.0), None])),
+        ];
+        let (rows, failures) = table(rows(), &outcomes);
+        assert_eq!(rows[0].met, Some(false));
+        assert_eq!(rows[0].gateway_to_bare, Some(0.9));
+        assert_eq!(
+            failures,
+            ["deliveries/s: nats-ws has no value, so no ratio to it"]
         );
+    }
+
+    #[test]
+    fn a_target_against_nats_is_not_judged_without_nats() {
+        let outcomes = [(Kind::Gateway, outcome(&[Some(9.0), None]))];
+        let (judged, failures) = table(rows(), &outcomes);
+        assert_eq!(judged[0].met, None);
+        assert!(failures.is_empty());
+        let both = [
+            (Kind::Gateway, outcome(&[Some(9.0), None])),
+            (Kind::Nats, outcome(&[Some(2.0), None])),
+        ];
+        assert_eq!(table(rows(), &both).0[0].met, Some(true));
     }
 }

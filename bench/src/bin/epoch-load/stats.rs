@@ -1,6 +1,6 @@
-//! The figures: what every socket task records (deliveries, their latency, replies, closes), the stamp
-//! the publisher writes into every message to make that possible, percentiles, and the CPU, memory, file
-//! descriptors and threads of processes, read from `/proc`.
+//! The figures: what every socket task records (deliveries, their latency, replies, closes, and per socket
+//! the messages it received), the stamp the publisher writes into every message to make that possible,
+//! percentiles, and the CPU, memory, file descriptors and threads of processes, read from `/proc`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -172,6 +172,18 @@ pub(crate) fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
+/// The middle value (the mean of the two middle ones for an even count; NaN for none).
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // What the sockets record
 
@@ -182,6 +194,13 @@ pub(crate) struct Stats {
     /// Per message number: the latest arrival (µs after publishing) and how many sockets had it.
     last_reached: Vec<AtomicU64>,
     reached: Vec<AtomicU32>,
+    /// Per socket (by index): one more than the highest message number it received, and how many
+    /// messages numbered from `counting_from` on it received, each once and in order (a number at or
+    /// below one it already had is a duplicate or out of order and is not counted).
+    socket_next: Vec<AtomicU64>,
+    socket_counted: Vec<AtomicU64>,
+    /// Messages numbered below this are not counted per socket: late arrivals of an earlier step.
+    counting_from: AtomicU64,
     /// Sockets closed by the server, or broken, while held; by close code (0: no close frame).
     closes: Mutex<BTreeMap<u16, u64>>,
     /// is-online: microseconds between two client frames of one socket (0: none), users asked about
@@ -197,12 +216,17 @@ pub(crate) struct Stats {
 }
 
 impl Stats {
-    pub(crate) fn new() -> Self {
+    /// Figures of `sockets` sockets, numbered `0..sockets`.
+    pub(crate) fn new(sockets: u64) -> Self {
+        let per_socket = || (0..sockets).map(|_| AtomicU64::new(0)).collect();
         Self {
             delivered: AtomicU64::new(0),
             latency: LatencyHistogram::new(),
             last_reached: (0..SEQ_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             reached: (0..SEQ_SLOTS).map(|_| AtomicU32::new(0)).collect(),
+            socket_next: per_socket(),
+            socket_counted: per_socket(),
+            counting_from: AtomicU64::new(0),
             closes: Mutex::new(BTreeMap::new()),
             query_period_us: tokio::sync::watch::Sender::new(0),
             query_users: AtomicU64::new(1),
@@ -213,20 +237,48 @@ impl Stats {
         }
     }
 
-    /// A delivered frame or NATS message body: times it by its `"t":` stamp ([`stamped_body`]); anything
-    /// without a stamp is not one of the publisher's messages.
-    pub(crate) fn on_delivery(&self, body: &[u8]) {
+    /// A delivered frame or NATS message body on socket `socket`: times it by its `"t":` stamp
+    /// ([`stamped_body`]) and counts its number `"s"` for the socket; anything without a stamp is not one
+    /// of the publisher's messages.
+    pub(crate) fn on_delivery(&self, socket: u64, body: &[u8]) {
         let Some(t) = number_after(body, b"\"t\":") else {
             return;
         };
         let us = now_us().saturating_sub(t);
         self.delivered.fetch_add(1, Ordering::Relaxed);
         self.latency.record(us);
-        if let Some(seq) = number_after(body, b"\"s\":") {
-            let slot = seq as usize % SEQ_SLOTS;
-            self.last_reached[slot].fetch_max(us, Ordering::Relaxed);
-            self.reached[slot].fetch_add(1, Ordering::Relaxed);
+        let Some(seq) = number_after(body, b"\"s\":") else {
+            return;
+        };
+        let slot = seq as usize % SEQ_SLOTS;
+        self.last_reached[slot].fetch_max(us, Ordering::Relaxed);
+        self.reached[slot].fetch_add(1, Ordering::Relaxed);
+        let socket = socket as usize;
+        let (Some(next), Some(counted)) = (
+            self.socket_next.get(socket),
+            self.socket_counted.get(socket),
+        ) else {
+            return;
+        };
+        // Only the socket's own task writes its slots.
+        let new = next.fetch_max(seq + 1, Ordering::Relaxed) <= seq;
+        if new && seq >= self.counting_from.load(Ordering::Relaxed) {
+            counted.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// From now on, only messages numbered `first` or more are counted per socket.
+    pub(crate) fn count_from(&self, first: u64) {
+        self.counting_from.store(first, Ordering::Relaxed);
+    }
+
+    /// The messages each socket received, each once and in order, since the count started: two snapshots
+    /// around a step give what each socket received of it.
+    pub(crate) fn socket_counts(&self) -> Vec<u64> {
+        self.socket_counted
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// The reply to a client frame sent at `sent_us` ([`now_us`]).
@@ -364,15 +416,38 @@ mod tests {
     }
 
     #[test]
+    fn the_median_is_the_middle_value() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
     fn a_delivery_is_timed_by_its_stamp() {
         start_clock();
-        let stats = Stats::new();
+        let stats = Stats::new(1);
         let body = stamped_body(7);
-        stats.on_delivery(body.as_bytes());
-        stats.on_delivery(b"{\"event\":\"other\"}");
+        stats.on_delivery(0, body.as_bytes());
+        stats.on_delivery(0, b"{\"event\":\"other\"}");
         assert_eq!(stats.delivered.load(Ordering::Relaxed), 1);
         assert_eq!(stats.reached(7).1, 1);
         assert_eq!(number_after(b"[\"1\",\"q123\"]", b",\"q"), Some(123));
         assert_eq!(leading_number(b"x1"), None);
+    }
+
+    #[test]
+    fn a_socket_counts_each_message_of_a_step_once() {
+        start_clock();
+        let stats = Stats::new(2);
+        stats.on_delivery(0, stamped_body(3).as_bytes());
+        stats.count_from(5);
+        let before = stats.socket_counts();
+        for seq in [5, 6, 6, 4, 8] {
+            stats.on_delivery(0, stamped_body(seq).as_bytes());
+        }
+        stats.on_delivery(1, stamped_body(5).as_bytes());
+        let after = stats.socket_counts();
+        // 6 twice counts once; 4 is of an earlier step; 7 never came.
+        assert_eq!(counts_between(&before, &after), [3, 1]);
     }
 }

@@ -2,7 +2,8 @@
 //! ephemeral ports never run out), with a bounded number of handshakes in flight, each then held by a task
 //! of its own that times what arrives and reports into [`Stats`] until the scenario drops it.
 //!
-//! - [`phoenix`]: the gateway's sockets, Phoenix V2 like phoenix.js.
+//! - [`phoenix`]: the gateway's sockets, Phoenix V2 like phoenix.js; the bare server's too (the user in the
+//!   URL instead of a token).
 //! - [`nats_ws`]: the baseline's sockets, the NATS protocol over nats-server's WebSocket listener.
 //! - [`recovering`]: the recovery storm's sockets, which reconnect to another instance and rejoin with
 //!   `since` when theirs dies, and check that no event is lost or duplicated.
@@ -21,6 +22,7 @@ use epoch_bench::rng::Rng;
 use epoch_gateway::auth::Authenticator;
 use epoch_testkit::Ws;
 use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
@@ -39,10 +41,13 @@ const HEARTBEAT: Duration = Duration::from_secs(30);
 const SOCKET_SEED: u64 = 0x9E37_79B9;
 
 /// The server a socket talks to.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub(crate) enum Kind {
     Gateway,
     Nats,
+    /// `bare_server`, the lower bound.
+    Bare,
 }
 
 impl Kind {
@@ -50,11 +55,18 @@ impl Kind {
         match self {
             Self::Gateway => "gateway",
             Self::Nats => "nats-ws",
+            Self::Bare => "bare",
         }
+    }
+
+    /// Whether its sockets speak Phoenix V2 (joins, heartbeats); nats-server's speak NATS.
+    pub(crate) fn speaks_phoenix(self) -> bool {
+        self != Self::Nats
     }
 }
 
-/// Where sockets connect, and how they authenticate (gateway) or what they subscribe to (nats).
+/// Where sockets connect, and how they authenticate (gateway), say who they are (bare) or what they
+/// subscribe to (nats).
 #[derive(Clone)]
 pub(crate) struct Endpoint {
     pub(crate) kind: Kind,
@@ -87,21 +99,32 @@ async fn open_one(endpoint: &Endpoint, i: u64) -> Result<Ws> {
     let user = i + 1;
     let stream = tcp_connect(endpoint.addr, i).await?;
     match endpoint.kind {
-        Kind::Gateway => phoenix::open(stream, endpoint.addr, &endpoint.auth, user).await,
+        Kind::Gateway => {
+            let query = phoenix::token_query(&endpoint.auth, user);
+            phoenix::open(stream, endpoint.addr, &query, user).await
+        }
+        Kind::Bare => phoenix::open(stream, endpoint.addr, &format!("user={user}"), user).await,
         Kind::Nats => nats_ws::open(stream, endpoint.addr, endpoint.prefix, user).await,
     }
 }
 
 /// A held socket's protocol.
 enum Session {
-    Phoenix(phoenix::Session),
+    /// Phoenix V2; `is_online` only where the server has it (the gateway).
+    Phoenix {
+        session: phoenix::Session,
+        is_online: bool,
+    },
     Nats(nats_ws::Session),
 }
 
 impl Session {
     fn of(kind: Kind) -> Self {
         match kind {
-            Kind::Gateway => Self::Phoenix(phoenix::Session::default()),
+            Kind::Gateway | Kind::Bare => Self::Phoenix {
+                session: phoenix::Session::default(),
+                is_online: kind == Kind::Gateway,
+            },
             Kind::Nats => Self::Nats(nats_ws::Session::default()),
         }
     }
@@ -109,8 +132,10 @@ impl Session {
     /// The is-online scenario's frame: an `is_online` query about `user`, or the control frame.
     fn client_frame(&mut self, control: bool, user: u64) -> Message {
         match self {
-            Self::Phoenix(_) => phoenix::Session::client_frame(control, user),
-            // nats-server has no is_online: its frames are always the control.
+            // A server without is_online gets the control frame only.
+            Self::Phoenix { is_online, .. } => {
+                phoenix::Session::client_frame(control || !*is_online, user)
+            }
             Self::Nats(session) => session.ping(),
         }
     }
@@ -118,19 +143,20 @@ impl Session {
     /// The protocol's own heartbeat, when it has one (phoenix.js's; NATS answers server `PING`s instead).
     fn heartbeat(&mut self) -> Option<Message> {
         match self {
-            Self::Phoenix(session) => Some(session.heartbeat()),
+            Self::Phoenix { session, .. } => Some(session.heartbeat()),
             Self::Nats(_) => None,
         }
     }
 
-    /// A message from the server; `Ok(Some(reply))` when it needs one, an error when it breaks the protocol.
-    fn on_message(&mut self, message: Message, stats: &Stats) -> Result<Option<Message>> {
+    /// A message from the server to socket `i`; `Ok(Some(reply))` when it needs one, an error when it
+    /// breaks the protocol.
+    fn on_message(&mut self, message: Message, i: u64, stats: &Stats) -> Result<Option<Message>> {
         match (self, message) {
-            (Self::Phoenix(_), Message::Text(text)) => {
-                phoenix::Session::on_frame(&text, stats);
+            (Self::Phoenix { .. }, Message::Text(text)) => {
+                phoenix::Session::on_frame(&text, i, stats);
                 Ok(None)
             }
-            (Self::Nats(session), Message::Binary(data)) => session.on_data(&data, stats),
+            (Self::Nats(session), Message::Binary(data)) => session.on_data(&data, i, stats),
             _ => Ok(None),
         }
     }
@@ -145,7 +171,7 @@ async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: Cancellat
         tokio::time::Instant::now() + HEARTBEAT.mul_f64(0.5 + rng.unit() * 0.5),
         HEARTBEAT,
     );
-    let heartbeats = kind == Kind::Gateway;
+    let heartbeats = kind.speaks_phoenix();
     let mut period_rx = stats.query_period_us.subscribe();
     let mut period = 0;
     let next_frame = tokio::time::sleep(Duration::ZERO);
@@ -180,7 +206,7 @@ async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: Cancellat
                     stats.closed(close.map_or(0, |c| u16::from(c.code)));
                     return;
                 }
-                Some(Ok(message)) => match session.on_message(message, &stats) {
+                Some(Ok(message)) => match session.on_message(message, i, &stats) {
                     Ok(Some(reply)) => ws.send(reply).await,
                     Ok(None) => continue,
                     Err(_) => {
@@ -206,6 +232,8 @@ pub(crate) struct Held<T = ()> {
     tasks: JoinSet<T>,
     stop: CancellationToken,
     pub(crate) opened: u64,
+    /// The indices of the sockets that opened.
+    pub(crate) indices: Vec<u64>,
     pub(crate) failed: u64,
     pub(crate) first_error: Option<String>,
     pub(crate) secs: f64,
@@ -272,6 +300,7 @@ where
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let (mut opened, mut failed, mut first_error) = (0, 0, None);
+    let mut indices = Vec::new();
     let mut results = futures::stream::iter(0..n)
         .map(|i| {
             let opening = open(i);
@@ -282,6 +311,7 @@ where
         match result {
             Ok(Ok(socket)) => {
                 opened += 1;
+                indices.push(i);
                 tasks.spawn(hold(i, socket, stop.clone()));
             }
             Ok(Err(error)) => {
@@ -298,6 +328,7 @@ where
         tasks,
         stop,
         opened,
+        indices,
         failed,
         first_error,
         secs: started.elapsed().as_secs_f64(),

@@ -69,13 +69,18 @@ impl Session {
         Message::binary(&b"PING\r\n"[..])
     }
 
-    /// WebSocket payload from the server: deliveries are timed, `PONG`s matched with `PING`s. Returns the
-    /// reply the server's own `PING`s need, if any.
-    pub(crate) fn on_data(&mut self, data: &[u8], stats: &Stats) -> Result<Option<Message>> {
+    /// WebSocket payload from the server to socket `socket`: deliveries are timed, `PONG`s matched with
+    /// `PING`s. Returns the reply the server's own `PING`s need, if any.
+    pub(crate) fn on_data(
+        &mut self,
+        data: &[u8],
+        socket: u64,
+        stats: &Stats,
+    ) -> Result<Option<Message>> {
         let mut server_pings = 0;
         let pings = &mut self.pings;
         self.parser.feed(data, |event| match event {
-            Event::Msg(body) => stats.on_delivery(body),
+            Event::Msg(body) => stats.on_delivery(socket, body),
             Event::Ping => server_pings += 1,
             Event::Pong => {
                 if let Some(sent) = pings.pop_front() {

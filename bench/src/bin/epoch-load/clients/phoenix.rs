@@ -1,6 +1,7 @@
 //! The gateway's sockets: Phoenix V2 like phoenix.js. Each authenticates as its user, joins `user:public`,
 //! `user:role` and `user:<id>` (pipelined), sends a heartbeat every 30 s, and, in the is-online scenario,
-//! sends `is_online` queries or heartbeats as the control, with its send time in the ref.
+//! sends `is_online` queries or heartbeats as the control, with its send time in the ref. The bare
+//! server's sockets are the same but for the query string: the user instead of a token.
 
 use std::net::SocketAddr;
 
@@ -17,19 +18,25 @@ use crate::stats::{Stats, leading_number, now_us, number_after};
 /// an expired token (4401) while it is measured.
 const TOKEN_TTL_SECS: u64 = 24 * 3600;
 
-/// Opens the socket of `user` over `stream` and joins its three topics.
-pub(crate) async fn open(
-    stream: TcpStream,
-    addr: SocketAddr,
-    auth: &Authenticator,
-    user: u64,
-) -> Result<Ws> {
+/// The query string that authenticates `user` to the gateway: a token of its own.
+pub(crate) fn token_query(auth: &Authenticator, user: u64) -> String {
     let token = auth.mint(
         UserId::new(user),
         TOKEN_TTL_SECS,
         &uuid::Uuid::new_v4().to_string(),
     );
-    let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&token={token}");
+    format!("token={token}")
+}
+
+/// Opens the socket of `user` over `stream`, with `query` after `vsn` in its URL, and joins its three
+/// topics.
+pub(crate) async fn open(
+    stream: TcpStream,
+    addr: SocketAddr,
+    query: &str,
+    user: u64,
+) -> Result<Ws> {
+    let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&{query}");
     let mut client = PhxClient::connect_over(&url, stream, super::ws_config()).await?;
     let own = format!("user:{user}");
     client.join_all(&["user:public", "user:role", &own]).await?;
@@ -69,8 +76,9 @@ impl Session {
         }
     }
 
-    /// A frame from the gateway: a reply to a control frame or a query (timed by its ref), or a delivery.
-    pub(crate) fn on_frame(text: &str, stats: &Stats) {
+    /// A frame from the gateway to socket `socket`: a reply to a control frame or a query (timed by its
+    /// ref), or a delivery.
+    pub(crate) fn on_frame(text: &str, socket: u64, stats: &Stats) {
         let body = text.as_bytes();
         if let Some(sent) = body.strip_prefix(b"[null,\"h").and_then(leading_number) {
             stats.on_reply(sent);
@@ -86,6 +94,6 @@ impl Session {
             }
             return;
         }
-        stats.on_delivery(body);
+        stats.on_delivery(socket, body);
     }
 }

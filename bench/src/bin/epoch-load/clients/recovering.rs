@@ -301,7 +301,7 @@ impl Socket {
         {
             position.clone_into(&mut self.position);
         }
-        self.stats.on_delivery(body);
+        self.stats.on_delivery(self.i, body);
         self.outcome.seen(n);
         if let Phase::Rejoined {
             reply_us,

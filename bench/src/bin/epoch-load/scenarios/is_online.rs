@@ -1,9 +1,11 @@
-//! `is-online`: `--repeats` rounds (3 by default) of windows of `--secs` each: per-user messages at
-//! `--per-user-rate` alone; then, for each of `--rates`, the same per-user load while every socket sends a
-//! control frame N / rate seconds apart (a client frame and its reply, no presence lookup: a heartbeat to the
-//! gateway, `PING` to nats-server), and, on the gateway only, while every socket sends `is_online` about a
-//! random online user at the same rate. Odd rounds run their windows in the reverse order. Per condition,
-//! the windows' latency counts are pooled and each window's p99 is kept.
+//! `is-online`: a warm-up window of per-user messages alone (reported, not counted), then `--repeats`
+//! rounds (3 by default) of windows of `--secs` each, every window a turn of its own between the other
+//! targets': per-user messages at `--per-user-rate` alone; then, for each of `--rates`, the same per-user
+//! load while every socket sends a control frame N / rate seconds apart (a client frame and its reply, no
+//! presence lookup: a heartbeat to the gateway and to the bare server, `PING` to nats-server), and, on the
+//! gateway only, while every socket sends `is_online` about a random online user at the same rate. Odd
+//! rounds run their windows in the reverse order. Per condition, the windows' latency counts are pooled and
+//! each window's p99 is kept.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -11,10 +13,11 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
-use super::publish::{RateTotals, in_round_order, per_user_window};
+use super::publish::{RateTotals, WarmUp, in_round_order, per_user_window, warm_up};
 use super::{Measure, Run, Target};
 use crate::cli::Args;
 use crate::clients::{Held, Kind};
+use crate::driver::Phase;
 use crate::report::{Headlines, TargetReport};
 use crate::stats::{
     Latency, Pooled, Stats, counts_between, cpu_percent, mean, percentiles, sample,
@@ -28,6 +31,7 @@ pub(super) struct IsOnline;
 #[derive(Serialize)]
 pub(super) struct IsOnlineFigures {
     rounds: u32,
+    warm_up: WarmUp,
     per_user_alone: Latency,
     per_user_alone_p99_ms_per_window: Vec<f64>,
     per_user_alone_sent: u64,
@@ -39,7 +43,7 @@ pub(super) struct IsOnlineFigures {
 #[derive(Serialize)]
 struct FramePoint {
     rate_frames_per_sec: f64,
-    /// `heartbeats` (gateway) or `PINGs` (nats-server).
+    /// `heartbeats` (gateway, bare server) or `PINGs` (nats-server).
     control_frame: &'static str,
     control_frames_per_sec_sent: f64,
     control_round_trip: Latency,
@@ -47,7 +51,7 @@ struct FramePoint {
     per_user_with_control_p99_ms_per_window: Vec<f64>,
     server_cpu_percent_with_control: f64,
     per_user_p99_ratio_control_to_alone: f64,
-    /// The gateway's `is_online` windows (nats-server has no `is_online`).
+    /// The gateway's `is_online` windows (the other servers have no `is_online`).
     #[serde(flatten)]
     queries: Option<QueryPoint>,
 }
@@ -112,14 +116,13 @@ impl FrameLoad {
 }
 
 /// The windows of one round: the per-user load alone (`None`), then for each rate the control frames
-/// (`true`) and, on the gateway, `is_online` queries (`false`).
-fn round_order(round: u32, rates: usize, queries: bool) -> Vec<Option<(usize, bool)>> {
+/// (`true`) and `is_online` queries (`false`). Every target has the same windows, so that they alternate
+/// window for window; a target without `is_online` passes its turn in the query windows.
+fn round_order(round: u32, rates: usize) -> Vec<Option<(usize, bool)>> {
     let mut order = vec![None];
     for rate in 0..rates {
         order.push(Some((rate, true)));
-        if queries {
-            order.push(Some((rate, false)));
-        }
+        order.push(Some((rate, false)));
     }
     in_round_order(round, order)
 }
@@ -169,24 +172,35 @@ impl Measure for IsOnline {
     type Figures = IsOnlineFigures;
 
     async fn run(args: &Args, target: &Target) -> Result<Run<IsOnlineFigures>> {
-        let gateway = target.endpoint.kind == Kind::Gateway;
-        let control = if gateway { "heartbeats" } else { "PINGs" };
-        let (stats, held, start) = target.start(args).await?;
+        let kind = target.endpoint.kind;
+        // Only the gateway has is_online.
+        let gateway = kind == Kind::Gateway;
+        let control = if kind.speaks_phoenix() {
+            "heartbeats"
+        } else {
+            "PINGs"
+        };
+        let (stats, held) = target.start(args).await?;
         let users = held.opened.max(1);
         stats.query_users.store(users, Ordering::Relaxed);
+        let warm_up = warm_up(target, &stats, args.per_user_rate, args.secs, users).await?;
         let mut alone = RateTotals::default();
         // Per rate: [control frames, queries].
         let mut loads: Vec<[FrameLoad; 2]> =
             args.rates.iter().map(|_| Default::default()).collect();
-        let mut seq = 0;
+        let mut seq = warm_up.next_seq();
         let rounds = args.rounds();
         for round in 0..rounds {
-            for window in round_order(round, args.rates.len(), gateway) {
+            for window in round_order(round, args.rates.len()) {
                 let label = format!("  round {}/{rounds}:", round + 1);
+                if window.is_some_and(|(_, is_control)| !is_control) && !gateway {
+                    target.turn(Phase::Setup, async { Ok(()) }).await?;
+                    continue;
+                }
                 let Some((i, is_control)) = window else {
-                    let w =
-                        per_user_window(target, &stats, args.per_user_rate, args.secs, seq, users)
-                            .await?;
+                    let window =
+                        per_user_window(target, &stats, args.per_user_rate, args.secs, seq, users);
+                    let w = target.turn(Phase::Measured, window).await?;
                     seq += w.sent;
                     println!(
                         "{label} per-user {} msg/s alone: {} of {} delivered, p99 {:.3} ms",
@@ -199,7 +213,8 @@ impl Measure for IsOnline {
                     continue;
                 };
                 let rate = args.rates[i];
-                let w = query_window(args, target, &stats, &held, rate, is_control, seq).await?;
+                let window = query_window(args, target, &stats, &held, rate, is_control, seq);
+                let w = target.turn(Phase::Measured, window).await?;
                 seq += w.sent;
                 let what = if is_control { control } else { "queries" };
                 let a = percentiles(&w.answers);
@@ -262,13 +277,14 @@ impl Measure for IsOnline {
         }
         let figures = IsOnlineFigures {
             rounds,
+            warm_up,
             per_user_alone: alone_latency,
             per_user_alone_p99_ms_per_window: alone.latency.window_p99_ms,
             per_user_alone_sent: alone.sent,
             per_user_alone_delivered: alone.delivered,
             points,
         };
-        target.finish(held, figures, &stats, start).await
+        target.finish(held, figures, &stats).await
     }
 
     fn headlines(args: &Args, rows: &mut Headlines<'_, IsOnlineFigures>) {
@@ -277,17 +293,17 @@ impl Measure for IsOnline {
             |r| r.figures.per_user_alone.p99_ms,
         );
         for (i, rate) in args.rates.iter().enumerate() {
-            rows.judged(
+            rows.own_judged(
                 format!("is_online {rate} queries/s: p99 (ms)"),
                 move |r| query(r, i, |q| q.answers.p99_ms),
                 "< 2 ms",
-                |g, _| g < 2.0,
+                |g| g < 2.0,
             );
             rows.info(
-                format!("  {rate} heartbeats (gateway) / PINGs (nats)/s: reply p99 (ms)"),
+                format!("  {rate} heartbeats (gateway, bare) / PINGs (nats)/s: reply p99 (ms)"),
                 move |r| point(r, i).control_round_trip.p99_ms,
             );
-            rows.info("  per-user p99 alongside the queries (ms)", move |r| {
+            rows.own("  per-user p99 alongside the queries (ms)", move |r| {
                 query(r, i, |q| q.per_user_with_queries.p99_ms)
             });
             rows.info(
@@ -296,7 +312,7 @@ impl Measure for IsOnline {
             );
             // "No effect" is judged from the windows (docs/benchmarks.md), not from this ratio: one noisy
             // window of either condition moves a pooled p99 either way.
-            rows.info("  … alongside the queries / alone", move |r| {
+            rows.own("  … alongside the queries / alone", move |r| {
                 query(r, i, |q| q.per_user_p99_ratio_queries_to_alone)
             });
             rows.info("  … alongside heartbeats / PINGs / alone", move |r| {
@@ -311,7 +327,7 @@ fn point(r: &TargetReport<IsOnlineFigures>, i: usize) -> &FramePoint {
     &r.figures.points[i]
 }
 
-/// A query figure of rate `i`: NaN (no value) for nats-server, which has no `is_online`.
+/// A query figure of rate `i`: NaN (no value) for the servers without `is_online`.
 fn query(r: &TargetReport<IsOnlineFigures>, i: usize, figure: fn(&QueryPoint) -> f64) -> f64 {
     point(r, i).queries.as_ref().map_or(f64::NAN, figure)
 }

@@ -1,12 +1,19 @@
-//! The scenarios, and the run that every one of them shares: start the server under test (the gateway with
-//! its JetStream nats-server, or nats-server's WebSocket listener), open the sockets, measure, sample the
-//! server, and report — first for the gateway, then for the baseline.
+//! The scenarios, and the run that every one of them shares.
 //!
-//! Each scenario is a [`Measure`]: its own figures type, how it measures one server, and its headline
-//! figures. The publisher and the per-user windows several scenarios share are in [`publish`]. The
-//! gateway-only scenarios (`recovery-storm`, `scale-out`) start more instances of the gateway on the
-//! target's nats-server ([`Target::start_gateway`]), all on one subject prefix, presence bucket and event
-//! stream, and fail the run when a delivery promise is broken ([`Measure::failures`]).
+//! The main process starts every target's servers ([`Server`]), then hands each target to a driver
+//! process ([`crate::driver`]) that runs the scenario on it ([`drive`]): opens its sockets, measures on the
+//! turns it is given, samples its server, and reports. Turns alternate between the targets, so every
+//! window of a windowed scenario (per-user, is-online, broadcast, soak) has the other targets' windows on
+//! either side, and the one-shot scenarios (idle, reconnect, broadcast-latency) alternate whole
+//! measurements when `--repeats` asks for several. The first window of each target in per-user, is-online
+//! and broadcast is a warm-up, reported apart and never counted.
+//!
+//! Each scenario is a [`Measure`]: its own figures type, how it measures one target (every step of it in a
+//! [`Target::turn`]), and its headline figures. The publisher and the per-user windows several scenarios
+//! share are in [`publish`]. The gateway-only scenarios (`recovery-storm`, `scale-out`) start more
+//! instances of the gateway on the target's nats-server ([`Server::start_gateway`]), all on one subject
+//! prefix, presence bucket and event stream, so they run in the main process, on their one target, in one
+//! turn; they fail the run when a delivery promise is broken ([`Measure::failures`]).
 
 mod broadcast;
 mod idle;
@@ -19,33 +26,22 @@ mod scale_out;
 mod soak;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use epoch_gateway::auth::Authenticator;
 use epoch_gateway::config::Secret;
-use epoch_testkit::{Gateway, GatewayOptions, Nats, Serves, free_port};
 use serde::Serialize;
 
-use crate::cli::{Args, Scenario, Targets, setting_in};
+use crate::cli::{Args, Scenario};
 use crate::clients::{Endpoint, Held, Kind, open_all};
-use crate::report::{Headlines, Opened, Report, ServerFigures, TargetReport, print_headlines};
-use crate::stats::{CLOCK_TICKS_PER_SEC, ProcSample, Stats, cpu_percent, mib, sample, sample_self};
+use crate::driver::{self, Outcome, Phase, Remote, Turns};
+use crate::report::{
+    Headlines, Opened, Report, ServerFigures, TargetReport, print_headlines, table,
+};
+use crate::servers::{PREFIX, Server};
+use crate::stats::{Stats, mib, sample};
 
-/// Subject prefix of both runs: the gateway's `nats.subject_prefix`, and the baseline's subjects.
-const PREFIX: &str = "load";
-const BUCKET: &str = "load_presence";
-/// Connection, push and rate limits of the gateway, lifted: they are abuse controls, not what is measured.
-const LIFTED_LIMIT: &str = "1000000";
-/// The gateway's settings that lift them.
-const LIFTED_SETTINGS: [&str; 4] = [
-    "EPOCH_GATEWAY__WS__MAX_CONNECTIONS",
-    "EPOCH_GATEWAY__WS__MAX_NEW_CONNECTIONS_PER_SEC",
-    "EPOCH_GATEWAY__WS__MAX_PUSHES_PER_SEC",
-    "EPOCH_GATEWAY__WS__PUSH_BURST",
-];
 /// A run fails when more than this share of its sockets cannot be opened.
 const MOST_FAILED_PERCENT: u64 = 1;
 
@@ -54,7 +50,8 @@ pub(crate) trait Measure {
     /// The scenario's figures of one server, next to the ones every scenario reports.
     type Figures: Serialize;
 
-    /// Measures one server: opens the sockets, loads the server, samples it ([`Target::finish`]).
+    /// Measures one target: opens the sockets, loads the server, samples it ([`Target::finish`]), each
+    /// step in a turn.
     async fn run(args: &Args, target: &Target) -> Result<Run<Self::Figures>>;
 
     /// The scenario's rows of the headline table.
@@ -70,7 +67,7 @@ pub(crate) trait Measure {
     }
 
     /// What makes the run fail (exit status non-zero, `failures` in the report) beyond the tool's own
-    /// errors: a promise of the gateway broken, as opposed to a figure that misses its target.
+    /// errors: a promise of the server broken, as opposed to a figure that misses its target.
     fn failures(_report: &TargetReport<Self::Figures>) -> Vec<String> {
         Vec::new()
     }
@@ -81,46 +78,46 @@ pub(crate) struct Run<F> {
     pub(crate) opened: Opened,
     pub(crate) figures: F,
     pub(crate) server: ServerFigures,
-    /// This tool's CPU time when the scenario ended (before its sockets were dropped).
-    pub(crate) tool_at_end: ProcSample,
 }
 
-/// Runs `args.scenario` on the servers `args.targets`, prints the headline table and writes the report.
+/// Runs `args.scenario`: as the main process on the servers `--targets`, or as the driver of one.
 pub(crate) async fn run(args: &Args) -> Result<()> {
     match args.scenario {
-        Scenario::Idle => measure::<idle::Idle>(args).await,
-        Scenario::Broadcast => measure::<broadcast::Broadcast>(args).await,
-        Scenario::BroadcastLatency => measure::<broadcast::BroadcastLatency>(args).await,
-        Scenario::PerUser => measure::<per_user::PerUser>(args).await,
-        Scenario::Reconnect => measure::<reconnect::Reconnect>(args).await,
-        Scenario::IsOnline => measure::<is_online::IsOnline>(args).await,
-        Scenario::Soak => measure::<soak::Soak>(args).await,
-        Scenario::RecoveryStorm => measure::<recovery_storm::RecoveryStorm>(args).await,
-        Scenario::ScaleOut => measure::<scale_out::ScaleOut>(args).await,
+        Scenario::Idle => run_as::<idle::Idle>(args).await,
+        Scenario::Broadcast => run_as::<broadcast::Broadcast>(args).await,
+        Scenario::BroadcastLatency => run_as::<broadcast::BroadcastLatency>(args).await,
+        Scenario::PerUser => run_as::<per_user::PerUser>(args).await,
+        Scenario::Reconnect => run_as::<reconnect::Reconnect>(args).await,
+        Scenario::IsOnline => run_as::<is_online::IsOnline>(args).await,
+        Scenario::Soak => run_as::<soak::Soak>(args).await,
+        Scenario::RecoveryStorm => run_as::<recovery_storm::RecoveryStorm>(args).await,
+        Scenario::ScaleOut => run_as::<scale_out::ScaleOut>(args).await,
     }
 }
 
-async fn measure<M: Measure>(args: &Args) -> Result<()> {
-    // Tokens are signed with the secret of the gateways the harness starts.
-    let auth = Arc::new(Authenticator::new(
-        &Secret::new(epoch_testkit::SECRET),
-        jsonwebtoken::Algorithm::HS512,
-    ));
-    let mut gateway = None;
-    let mut baseline = None;
-    let targets = args.targets();
-    if targets != Targets::Nats {
-        gateway = Some(run_target::<M>(args, Kind::Gateway, &auth).await?);
-        if targets == Targets::Both {
-            // The previous run's processes and sockets wind down before the baseline starts.
-            tokio::time::sleep(Duration::from_secs_f64(args.settle_secs)).await;
-        }
+async fn run_as<M: Measure>(args: &Args) -> Result<()> {
+    match &args.drive {
+        Some(remote) => drive::<M>(args, remote).await,
+        None => measure::<M>(args).await,
     }
-    if targets != Targets::Gateway {
-        baseline = Some(run_target::<M>(args, Kind::Nats, &auth).await?);
+}
+
+/// The driver of one target: runs the scenario on it and ends with its outcome, on a turn of its own (its
+/// sockets close when it exits, which must not fall into another target's turn).
+async fn drive<M: Measure>(args: &Args, remote: &Remote) -> Result<()> {
+    let result = async {
+        let target = Target::driven(remote).await?;
+        let outcome = run_target::<M>(args, &target).await?;
+        target.turns.take(Phase::Setup).await?;
+        Ok(outcome)
     }
-    let failures: Vec<String> = gateway.iter().flat_map(M::failures).collect();
-    let mut rows = Headlines::new(gateway.as_ref(), baseline.as_ref());
+    .await;
+    driver::report_end(result)
+}
+
+/// Every scenario's headline rows: the connect rate, the scenario's own, then the servers' CPU, memory
+/// and closes.
+fn all_headlines<M: Measure>(args: &Args, rows: &mut Headlines<'_, M::Figures>) {
     let joins = match M::JOINS_PER_SOCKET {
         1 => "1 join".to_owned(),
         n => format!("{n} joins each"),
@@ -128,16 +125,70 @@ async fn measure<M: Measure>(args: &Args) -> Result<()> {
     rows.info(format!("connect rate (sockets/s, {joins})"), |r| {
         r.opened.connect_rate_per_sec
     });
-    M::headlines(args, &mut rows);
-    rows.info("server CPU over the scenario (% of a core)", |r| {
-        r.server.server_cpu_percent
+    M::headlines(args, rows);
+    rows.info("server CPU over the measured turns (% of a core)", |r| {
+        r.cpu.server_cpu_percent
+    });
+    rows.own("  … its nats-server's CPU (% of a core)", |r| {
+        r.cpu.backing_nats_cpu_percent.unwrap_or(f64::NAN)
     });
     rows.info("server RSS at the end (MiB)", |r| r.server.server_rss_mib);
+    rows.own("  … its nats-server's RSS at the end (MiB)", |r| {
+        r.server.backing_nats_rss_mib.unwrap_or(f64::NAN)
+    });
     rows.zero("sockets closed by the server / broken", |r| {
         r.server.unexpected_closes as f64
     });
-    let rows = rows.into_rows();
-    print_headlines(&rows);
+}
+
+/// The main process: starts the targets' servers, has the scenario run on each, prints the headline
+/// table and writes the report.
+async fn measure<M: Measure>(args: &Args) -> Result<()> {
+    let kinds = args.kinds();
+    let mut servers = Vec::with_capacity(kinds.len());
+    for &kind in &kinds {
+        let server = Server::start(args, kind, M::gateway_settings(args)).await?;
+        let backing = server
+            .backing_pid
+            .map_or(String::new(), |pid| format!(", its nats-server pid {pid}"));
+        println!(
+            "{}: {} sockets on {} (server pid {}{backing})",
+            kind.label(),
+            args.sockets,
+            server.addr,
+            server.pid,
+        );
+        servers.push(server);
+    }
+    let outcomes = if args.scenario.gateway_only() {
+        let mut outcomes = Vec::with_capacity(servers.len());
+        for server in servers {
+            let kind = server.kind;
+            let target = Target::alone(server).await?;
+            outcomes.push((kind, run_target::<M>(args, &target).await?));
+        }
+        outcomes
+    } else {
+        driver::take_turns(&servers).await?
+    };
+    let mut rows = Headlines::of(None);
+    all_headlines::<M>(args, &mut rows);
+    let (rows, mut failures) = table(rows, &outcomes);
+    for (kind, outcome) in &outcomes {
+        let label = if *kind == Kind::Gateway {
+            String::new()
+        } else {
+            format!("{}: ", kind.label())
+        };
+        failures.extend(outcome.failures.iter().map(|f| format!("{label}{f}")));
+    }
+    print_headlines(&rows, &kinds);
+    let report_of = |kind: Kind| {
+        outcomes
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, outcome)| &outcome.report)
+    };
     if let Some(path) = &args.json {
         let report = Report {
             scenario: args.scenario,
@@ -145,8 +196,9 @@ async fn measure<M: Measure>(args: &Args) -> Result<()> {
             cpus: epoch_bench::cpus(),
             headlines: &rows,
             failures: &failures,
-            gateway: gateway.as_ref(),
-            baseline: baseline.as_ref(),
+            gateway: report_of(Kind::Gateway),
+            nats_ws: report_of(Kind::Nats),
+            bare: report_of(Kind::Bare),
         };
         epoch_bench::write_json(path, &report)?;
         println!("\nreport written to {}", path.display());
@@ -160,103 +212,92 @@ async fn measure<M: Measure>(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// One server under test: its sockets' endpoint, the process measured, and the publisher's connection.
+/// Runs the scenario on one target and takes its report's headline values.
+async fn run_target<M: Measure>(args: &Args, target: &Target) -> Result<Outcome> {
+    let run = M::run(args, target).await?;
+    let report = TargetReport {
+        opened: run.opened,
+        figures: run.figures,
+        server: run.server,
+        cpu: target.turns.cpu()?,
+    };
+    let mut rows = Headlines::of(Some(&report));
+    all_headlines::<M>(args, &mut rows);
+    Ok(Outcome {
+        values: rows.into_values(),
+        failures: M::failures(&report),
+        report: serde_json::to_value(&report)?,
+    })
+}
+
+/// One server under test as a scenario sees it: its sockets' endpoint, the processes measured, the
+/// publisher's connection, and the turns.
 pub(crate) struct Target {
     pub(crate) endpoint: Endpoint,
     pub(crate) pid: u32,
-    pub(crate) client: async_nats::Client,
-    /// The JetStream nats-server behind the gateway (its CPU is reported on the side).
+    /// The nats-server behind the gateway or the bare server.
     pub(crate) backing_pid: Option<u32>,
-    /// The gateway's binary and settings (the scenario's, then the command line's), for every instance.
-    gateway_bin: PathBuf,
-    settings: Vec<(String, String)>,
-    gateway: Option<Gateway>,
-    nats: Nats,
-}
-
-async fn start_target(
-    args: &Args,
-    kind: Kind,
-    auth: &Arc<Authenticator>,
-    scenario_settings: Vec<(String, String)>,
-) -> Result<Target> {
-    match kind {
-        Kind::Nats => {
-            let nats = Nats::launch(&args.nats_server, free_port(), Serves::WebSocket)?;
-            let mut target = Target::on(kind, nats, auth, args, scenario_settings).await?;
-            target.endpoint.addr = target.nats.websocket.context("websocket listener")?;
-            target.pid = target.nats.pid();
-            Ok(target)
-        }
-        Kind::Gateway => {
-            // Monitored: the gateway-only scenarios read its JetStream API counts.
-            let nats = Nats::launch_monitored(&args.nats_server, free_port(), Serves::JetStream)?;
-            let mut target = Target::on(kind, nats, auth, args, scenario_settings).await?;
-            let gateway = target.start_gateway(&[]).await?;
-            target.endpoint.addr = gateway.addr;
-            target.pid = gateway.pid();
-            target.backing_pid = Some(target.nats.pid());
-            target.gateway = Some(gateway);
-            Ok(target)
-        }
-    }
+    pub(crate) client: async_nats::Client,
+    pub(crate) turns: Turns,
+    /// The processes, when this process started them (the gateway-only scenarios); none in a driver.
+    server: Option<Server>,
 }
 
 impl Target {
-    /// A target on `nats` whose server is not started yet.
-    async fn on(
-        kind: Kind,
-        nats: Nats,
-        auth: &Arc<Authenticator>,
-        args: &Args,
-        scenario_settings: Vec<(String, String)>,
-    ) -> Result<Self> {
+    /// A driver's target, whose servers the main process started.
+    async fn driven(remote: &Remote) -> Result<Self> {
+        Self::new(remote, Turns::driven(remote.pid, remote.backing_pid), None).await
+    }
+
+    /// A target this process started and runs alone.
+    async fn alone(server: Server) -> Result<Self> {
+        let remote = server.remote();
+        let turns = Turns::alone(remote.pid, remote.backing_pid);
+        Self::new(&remote, turns, Some(server)).await
+    }
+
+    async fn new(remote: &Remote, turns: Turns, server: Option<Server>) -> Result<Self> {
+        // Tokens are signed with the secret of the gateways the harness starts.
+        let auth = Arc::new(Authenticator::new(
+            &Secret::new(epoch_testkit::SECRET),
+            jsonwebtoken::Algorithm::HS512,
+        ));
         let client = async_nats::ConnectOptions::new()
             .client_capacity(1 << 16)
-            .connect(&nats.url)
+            .connect(&remote.nats_url)
             .await?;
-        let mut settings = scenario_settings;
-        settings.extend(args.gateway_settings.iter().cloned());
         Ok(Self {
             endpoint: Endpoint {
-                kind,
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                auth: auth.clone(),
+                kind: remote.kind,
+                addr: remote.addr,
+                auth,
                 prefix: PREFIX,
             },
-            pid: 0,
+            pid: remote.pid,
+            backing_pid: remote.backing_pid,
             client,
-            backing_pid: None,
-            gateway_bin: args.gateway_bin.clone(),
-            settings,
-            gateway: None,
-            nats,
+            turns,
+            server,
         })
     }
 
-    /// Starts an instance of the gateway on this target's nats-server, with the same subject prefix,
-    /// presence bucket and event stream as the target's own, the tool's settings and `extra` last.
-    pub(crate) async fn start_gateway(&self, extra: &[(String, String)]) -> Result<Gateway> {
-        // Defaults, except the abuse limits: they are not what is measured.
-        let mut options =
-            GatewayOptions::benchmark(self.gateway_bin.clone()).shared(PREFIX, BUCKET);
-        for setting in LIFTED_SETTINGS {
-            options = options.env(setting, LIFTED_LIMIT);
-        }
-        for (name, value) in self.settings.iter().chain(extra) {
-            options = options.env(name, value);
-        }
-        Gateway::try_start(&self.nats.url, options).await
+    /// The target's processes: only where they were started (the gateway-only scenarios).
+    pub(crate) fn server(&self) -> Result<&Server> {
+        self.server
+            .as_ref()
+            .context("this scenario runs in the process that started its servers")
     }
 
-    /// The value a gateway setting (`delivery.max_recover`) has on this target's instances, when set.
-    pub(crate) fn setting(&self, key: &str) -> Option<&str> {
-        setting_in(&self.settings, key)
-    }
-
-    /// The target's own gateway (none for the baseline).
-    pub(crate) fn gateway(&self) -> Option<&Gateway> {
-        self.gateway.as_ref()
+    /// Waits for a turn, does `work` on it, and hands the turn on.
+    pub(crate) async fn turn<T>(
+        &self,
+        phase: Phase,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.turns.take(phase).await?;
+        let value = work.await?;
+        self.turns.over()?;
+        Ok(value)
     }
 
     /// Where sockets of this target's kind reach the instance at `addr`.
@@ -265,17 +306,6 @@ impl Target {
             addr,
             ..self.endpoint.clone()
         }
-    }
-
-    /// A page of the monitoring endpoint of the gateway's nats-server (`/jsz`, `/connz`).
-    pub(crate) async fn monitoring_json(&self, path: &str) -> Result<serde_json::Value> {
-        self.nats.monitoring_json(path).await
-    }
-
-    /// The `api.total` of nats-server's `/jsz`: JetStream API requests it served since it started.
-    pub(crate) async fn jetstream_api_requests(&self) -> Result<u64> {
-        let jsz = self.monitoring_json("/jsz").await?;
-        jsz["api"]["total"].as_u64().context("no api.total in /jsz")
     }
 
     /// Opens `args.sockets` sockets and fails the run when too few opened.
@@ -296,42 +326,45 @@ impl Target {
         Ok(held)
     }
 
-    /// Opens the sockets, with figures of their own, and samples the server: where the measurement of most
-    /// scenarios starts.
-    pub(crate) async fn start(&self, args: &Args) -> Result<(Arc<Stats>, Held, ProcSample)> {
-        let stats = Arc::new(Stats::new());
-        let held = self.open(args, &stats).await?;
-        let from = sample(self.pid)?;
-        Ok((stats, held, from))
+    /// Opens the sockets, with figures of their own, on a setup turn: where most scenarios start.
+    pub(crate) async fn start(&self, args: &Args) -> Result<(Arc<Stats>, Held)> {
+        self.turn(Phase::Setup, async {
+            let stats = Arc::new(Stats::new(args.sockets));
+            let held = self.open(args, &stats).await?;
+            Ok((stats, held))
+        })
+        .await
     }
 
-    /// The end of a scenario's measurement: the server's RSS, its CPU since `from`, and the closes; then
+    /// The end of a scenario, on a setup turn: the server's RSS and its nats-server's, and the closes; then
     /// the sockets are dropped.
     pub(crate) async fn finish<F, T: 'static>(
         &self,
         held: Held<T>,
         figures: F,
         stats: &Stats,
-        from: ProcSample,
     ) -> Result<Run<F>> {
-        let run = self.finish_opened(Opened::of(&held), figures, stats, from)?;
-        held.drop_all().await;
-        Ok(run)
+        self.turn(Phase::Setup, async {
+            let run = self.finish_opened(Opened::of(&held), figures, stats)?;
+            held.drop_all().await;
+            Ok(run)
+        })
+        .await
     }
 
-    /// [`Target::finish`] for a scenario whose sockets are gone already, with how they opened.
+    /// [`Target::finish`] within a turn under way, with how the sockets opened.
     pub(crate) fn finish_opened<F>(
         &self,
         opened: Opened,
         figures: F,
         stats: &Stats,
-        from: ProcSample,
     ) -> Result<Run<F>> {
-        let to = sample(self.pid)?;
-        let tool_at_end = sample_self()?;
         let server = ServerFigures {
-            server_rss_mib: mib(to.rss),
-            server_cpu_percent: cpu_percent(from, to),
+            server_rss_mib: mib(sample(self.pid)?.rss),
+            backing_nats_rss_mib: self
+                .backing_pid
+                .map(|pid| Ok::<_, anyhow::Error>(mib(sample(pid)?.rss)))
+                .transpose()?,
             unexpected_closes: stats.close_count(),
             closes_by_code: stats
                 .closes_by_code()
@@ -343,44 +376,8 @@ impl Target {
             opened,
             figures,
             server,
-            tool_at_end,
         })
     }
-}
-
-async fn run_target<M: Measure>(
-    args: &Args,
-    kind: Kind,
-    auth: &Arc<Authenticator>,
-) -> Result<TargetReport<M::Figures>> {
-    let target = start_target(args, kind, auth, M::gateway_settings(args)).await?;
-    println!(
-        "{}: {} sockets on {} (server pid {})",
-        kind.label(),
-        args.sockets,
-        target.endpoint.addr,
-        target.pid
-    );
-    let backing_before = target.backing_pid.map(sample).transpose()?;
-    let tool_before = sample_self()?;
-    let run = M::run(args, &target).await?;
-    let tool_ticks = run
-        .tool_at_end
-        .cpu_ticks
-        .saturating_sub(tool_before.cpu_ticks);
-    let load_tool_cpu_secs = tool_ticks as f64 / CLOCK_TICKS_PER_SEC;
-    let backing_nats_cpu_percent = match (target.backing_pid, backing_before) {
-        (Some(pid), Some(before)) => Some(cpu_percent(before, sample(pid)?)),
-        _ => None,
-    };
-    Ok(TargetReport {
-        opened: run.opened,
-        figures: run.figures,
-        server: run.server,
-        load_tool_cpu_secs,
-        load_tool_cpu_percent: 100.0 * load_tool_cpu_secs / tool_before.at.elapsed().as_secs_f64(),
-        backing_nats_cpu_percent,
-    })
 }
 
 /// Prints how opening went, and fails the run when more than `MOST_FAILED_PERCENT` of `n` sockets failed.

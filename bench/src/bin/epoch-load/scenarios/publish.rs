@@ -1,6 +1,6 @@
-//! The publisher (async-nats, open loop at the offered rate, the same for both servers), the wait for a
+//! The publisher (async-nats, open loop at the offered rate, the same for every target), the wait for a
 //! backlog to drain, and the window of per-user messages that the per-user, is-online and soak scenarios
-//! are made of.
+//! are made of, with the warm-up window the first two start with.
 
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -8,10 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use epoch_bench::rng::Rng;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::{PREFIX, Target};
-use crate::stats::{Pooled, Stats, counts_between, cpu_percent, sample, sample_self, stamped_body};
+use crate::driver::Phase;
+use crate::stats::{
+    Latency, Pooled, Stats, counts_between, cpu_percent, percentiles, sample, sample_self,
+    stamped_body,
+};
 
 /// A step is over when no delivery arrived for this long (polled every `DRAIN_POLL`).
 const DRAIN_QUIET: Duration = Duration::from_millis(500);
@@ -153,6 +158,46 @@ pub(super) async fn per_user_window_over(
         servers_cpu,
         tool_cpu,
     })
+}
+
+/// The first window after the sockets opened: it warms the server, its caches and the sockets up, and is
+/// reported apart, never counted.
+#[derive(Serialize)]
+pub(super) struct WarmUp {
+    rate_msgs_per_sec: f64,
+    sent: u64,
+    delivered: u64,
+    latency: Latency,
+}
+
+/// A warm-up window of per-user messages at `rate` on a setup turn, messages numbered from 0.
+pub(super) async fn warm_up(
+    target: &Target,
+    stats: &Stats,
+    rate: f64,
+    secs: f64,
+    users: u64,
+) -> Result<WarmUp> {
+    let window = per_user_window(target, stats, rate, secs, 0, users);
+    let w = target.turn(Phase::Setup, window).await?;
+    let warm_up = WarmUp {
+        rate_msgs_per_sec: rate,
+        sent: w.sent,
+        delivered: w.delivered,
+        latency: percentiles(&w.counts),
+    };
+    println!(
+        "  warm-up, {rate:.0} msg/s: {} of {} delivered, p99 {:.3} ms (not counted)",
+        w.delivered, w.sent, warm_up.latency.p99_ms
+    );
+    Ok(warm_up)
+}
+
+impl WarmUp {
+    /// The number of the first message after it.
+    pub(super) fn next_seq(&self) -> u64 {
+        self.sent
+    }
 }
 
 /// One per-user rate's windows over the rounds.

@@ -32,6 +32,7 @@ use super::{Measure, Run, Target, enough_opened, metric_family};
 use crate::cli::Args;
 use crate::clients::open_each;
 use crate::clients::recovering::{self, Arrived, Storm};
+use crate::driver::Phase;
 use crate::report::{Headlines, Opened, TargetReport};
 use crate::stats::{Stats, cpu_percent, sample};
 
@@ -119,6 +120,137 @@ fn spread(counts: &[u64]) -> (u64, u64, u64) {
     (counts.iter().sum(), sockets, most)
 }
 
+/// The storm on the target's gateway (B) and an instance A of its own.
+async fn storm(args: &Args, target: &Target) -> Result<Run<RecoveryStormFigures>> {
+    let server = target.server()?;
+    let b = server
+        .gateway()
+        .context("recovery-storm runs on the gateway")?;
+    let mut a = server.start_gateway(&[]).await?;
+    let (history, max_recover) = (
+        server.setting(HISTORY_SETTING).unwrap_or("?").to_owned(),
+        server
+            .setting(MAX_RECOVER_SETTING)
+            .unwrap_or("?")
+            .to_owned(),
+    );
+    println!(
+        "  instance A on {} (pid {}), B on {} (pid {}); {HISTORY_SETTING} {history}, {MAX_RECOVER_SETTING} {max_recover}",
+        a.addr,
+        a.pid(),
+        b.addr,
+        b.pid()
+    );
+    let stats = Arc::new(Stats::new(args.sockets));
+    let storm = Arc::new(Storm::new(b.addr, args.concurrency));
+    let on_a = a.addr;
+    let held = open_each(
+        args.sockets,
+        args.concurrency,
+        |i| recovering::open(on_a, i),
+        |i, socket, stop| recovering::hold(socket, i, storm.clone(), stats.clone(), stop),
+    )
+    .await;
+    enough_opened(&held, args.sockets)?;
+    let first_open = Opened::of(&held);
+    let sockets = held.opened;
+
+    let stop_publishing = CancellationToken::new();
+    let publisher = tokio::spawn({
+        let (client, stop, rate) = (target.client.clone(), stop_publishing.clone(), args.rate);
+        async move { publish_until(&client, rate, u64::MAX, &stop, 0, |_| public_subject()).await }
+    });
+    tokio::time::sleep(Duration::from_secs_f64(args.secs)).await;
+
+    let (outcomes_before, replayed_before) = recoveries(b).await;
+    let api_before = server.jetstream_api_requests().await?;
+    let b_from = sample(target.pid)?;
+    let nats_pid = target.backing_pid.context("the gateway's nats-server")?;
+    let nats_from = sample(nats_pid)?;
+    let killed = Instant::now();
+    storm.killed();
+    a.kill();
+    println!(
+        "  A killed after {:.1} s of events at {:.0}/s; {sockets} sockets reconnect to B",
+        args.secs, args.rate
+    );
+    while storm.settled() < sockets && killed.elapsed() < STORM_CAP {
+        tokio::time::sleep(POLL).await;
+    }
+    let storm_secs = killed.elapsed().as_secs_f64();
+    let gateway_b_cpu_percent = cpu_percent(b_from, sample(target.pid)?);
+    let nats_cpu_percent = cpu_percent(nats_from, sample(nats_pid)?);
+    let api_after = server.jetstream_api_requests().await?;
+
+    tokio::time::sleep(LIVE_AFTER).await;
+    stop_publishing.cancel();
+    let published = publisher.await??;
+    drain(&stats, WINDOW_DRAIN_CAP).await;
+    let (outcomes_after, replayed_after) = recoveries(b).await;
+    // B's figures with the sockets still open; then the sockets stop and report.
+    let run = target.finish_opened(first_open, (), &stats)?;
+    let ended = held.stop_all().await;
+
+    // Events at the end that never arrived are lost too.
+    let missing: Vec<u64> = ended
+        .iter()
+        .map(|o| o.lost + published.saturating_sub(o.next))
+        .collect();
+    let twice: Vec<u64> = ended.iter().map(|o| o.duplicated).collect();
+    let (lost, with_loss, most_lost) = spread(&missing);
+    let (duplicated, with_duplicates, most_duplicated) = spread(&twice);
+    let tally = &storm.tally;
+    let recovered_true = tally.recovered.load(Ordering::Relaxed);
+    let recovered_false = tally.not_recovered.load(Ordering::Relaxed);
+    let (rejoined, caught_up) = (tally.rejoined.of(sockets), tally.caught_up.of(sockets));
+    let figures = StormFigures {
+        sockets_kind: "anonymous, each joined to user:public only",
+        history_per_topic: history,
+        max_recover,
+        rate_events_per_sec: args.rate,
+        publish_secs_before_kill: args.secs,
+        events_published: published,
+        sockets,
+        recovered_true,
+        recovered_false,
+        failed_attempts: tally.failed_attempts.load(Ordering::Relaxed),
+        rejoined,
+        caught_up,
+        storm_secs,
+        events_lost: lost,
+        sockets_with_loss: with_loss,
+        most_lost_on_a_socket: most_lost,
+        events_duplicated: duplicated,
+        sockets_with_duplicates: with_duplicates,
+        most_duplicated_on_a_socket: most_duplicated,
+        recoveries_by_outcome: outcomes_after
+            .iter()
+            .map(|(outcome, n)| {
+                let before = outcomes_before.get(outcome).copied().unwrap_or(0.0);
+                (outcome.clone(), (n - before) as u64)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect(),
+        events_replayed: (replayed_after - replayed_before) as u64,
+        jetstream_api_requests: api_after.saturating_sub(api_before),
+        gateway_b_cpu_percent,
+        nats_cpu_percent,
+    };
+    println!(
+        "  {} of {sockets} rejoined ({recovered_true} recovered, {recovered_false} not) in {:.2} s, {} caught up in {:.2} s; {lost} events lost, {duplicated} duplicated; {} JetStream API requests; B cpu {gateway_b_cpu_percent:.0} %",
+        rejoined.sockets,
+        rejoined.all_secs,
+        caught_up.sockets,
+        caught_up.all_secs,
+        figures.jetstream_api_requests,
+    );
+    Ok(Run {
+        opened: run.opened,
+        figures: RecoveryStormFigures { storm: figures },
+        server: run.server,
+    })
+}
+
 impl Measure for RecoveryStorm {
     type Figures = RecoveryStormFigures;
 
@@ -132,133 +264,8 @@ impl Measure for RecoveryStorm {
     }
 
     async fn run(args: &Args, target: &Target) -> Result<Run<RecoveryStormFigures>> {
-        let b = target
-            .gateway()
-            .context("recovery-storm runs on the gateway")?;
-        let mut a = target.start_gateway(&[]).await?;
-        let (history, max_recover) = (
-            target.setting(HISTORY_SETTING).unwrap_or("?").to_owned(),
-            target
-                .setting(MAX_RECOVER_SETTING)
-                .unwrap_or("?")
-                .to_owned(),
-        );
-        println!(
-            "  instance A on {} (pid {}), B on {} (pid {}); {HISTORY_SETTING} {history}, {MAX_RECOVER_SETTING} {max_recover}",
-            a.addr,
-            a.pid(),
-            b.addr,
-            b.pid()
-        );
-        let stats = Arc::new(Stats::new());
-        let storm = Arc::new(Storm::new(b.addr, args.concurrency));
-        let on_a = a.addr;
-        let held = open_each(
-            args.sockets,
-            args.concurrency,
-            |i| recovering::open(on_a, i),
-            |i, socket, stop| recovering::hold(socket, i, storm.clone(), stats.clone(), stop),
-        )
-        .await;
-        enough_opened(&held, args.sockets)?;
-        let first_open = Opened::of(&held);
-        let sockets = held.opened;
-
-        let stop_publishing = CancellationToken::new();
-        let publisher = tokio::spawn({
-            let (client, stop, rate) = (target.client.clone(), stop_publishing.clone(), args.rate);
-            async move { publish_until(&client, rate, u64::MAX, &stop, 0, |_| public_subject()).await }
-        });
-        tokio::time::sleep(Duration::from_secs_f64(args.secs)).await;
-
-        let (outcomes_before, replayed_before) = recoveries(b).await;
-        let api_before = target.jetstream_api_requests().await?;
-        let b_from = sample(target.pid)?;
-        let nats_pid = target.backing_pid.context("the gateway's nats-server")?;
-        let nats_from = sample(nats_pid)?;
-        let killed = Instant::now();
-        storm.killed();
-        a.kill();
-        println!(
-            "  A killed after {:.1} s of events at {:.0}/s; {sockets} sockets reconnect to B",
-            args.secs, args.rate
-        );
-        while storm.settled() < sockets && killed.elapsed() < STORM_CAP {
-            tokio::time::sleep(POLL).await;
-        }
-        let storm_secs = killed.elapsed().as_secs_f64();
-        let gateway_b_cpu_percent = cpu_percent(b_from, sample(target.pid)?);
-        let nats_cpu_percent = cpu_percent(nats_from, sample(nats_pid)?);
-        let api_after = target.jetstream_api_requests().await?;
-
-        tokio::time::sleep(LIVE_AFTER).await;
-        stop_publishing.cancel();
-        let published = publisher.await??;
-        drain(&stats, WINDOW_DRAIN_CAP).await;
-        let (outcomes_after, replayed_after) = recoveries(b).await;
-        // B's figures with the sockets still open; then the sockets stop and report.
-        let run = target.finish_opened(first_open, (), &stats, b_from)?;
-        let ended = held.stop_all().await;
-
-        // Events at the end that never arrived are lost too.
-        let missing: Vec<u64> = ended
-            .iter()
-            .map(|o| o.lost + published.saturating_sub(o.next))
-            .collect();
-        let twice: Vec<u64> = ended.iter().map(|o| o.duplicated).collect();
-        let (lost, with_loss, most_lost) = spread(&missing);
-        let (duplicated, with_duplicates, most_duplicated) = spread(&twice);
-        let tally = &storm.tally;
-        let recovered_true = tally.recovered.load(Ordering::Relaxed);
-        let recovered_false = tally.not_recovered.load(Ordering::Relaxed);
-        let (rejoined, caught_up) = (tally.rejoined.of(sockets), tally.caught_up.of(sockets));
-        let figures = StormFigures {
-            sockets_kind: "anonymous, each joined to user:public only",
-            history_per_topic: history,
-            max_recover,
-            rate_events_per_sec: args.rate,
-            publish_secs_before_kill: args.secs,
-            events_published: published,
-            sockets,
-            recovered_true,
-            recovered_false,
-            failed_attempts: tally.failed_attempts.load(Ordering::Relaxed),
-            rejoined,
-            caught_up,
-            storm_secs,
-            events_lost: lost,
-            sockets_with_loss: with_loss,
-            most_lost_on_a_socket: most_lost,
-            events_duplicated: duplicated,
-            sockets_with_duplicates: with_duplicates,
-            most_duplicated_on_a_socket: most_duplicated,
-            recoveries_by_outcome: outcomes_after
-                .iter()
-                .map(|(outcome, n)| {
-                    let before = outcomes_before.get(outcome).copied().unwrap_or(0.0);
-                    (outcome.clone(), (n - before) as u64)
-                })
-                .filter(|(_, n)| *n > 0)
-                .collect(),
-            events_replayed: (replayed_after - replayed_before) as u64,
-            jetstream_api_requests: api_after.saturating_sub(api_before),
-            gateway_b_cpu_percent,
-            nats_cpu_percent,
-        };
-        println!(
-            "  {} of {sockets} rejoined ({recovered_true} recovered, {recovered_false} not) in {:.2} s, {} caught up in {:.2} s; {lost} events lost, {duplicated} duplicated; {} JetStream API requests; B cpu {gateway_b_cpu_percent:.0} %",
-            rejoined.sockets,
-            rejoined.all_secs,
-            caught_up.sockets,
-            caught_up.all_secs,
-            figures.jetstream_api_requests,
-        );
-        Ok(Run {
-            opened: run.opened,
-            figures: RecoveryStormFigures { storm: figures },
-            server: run.server,
-            tool_at_end: run.tool_at_end,
-        })
+        // The target alone, in one turn.
+        target.turn(Phase::Measured, storm(args, target)).await
     }
 
     fn headlines(args: &Args, rows: &mut Headlines<'_, RecoveryStormFigures>) {

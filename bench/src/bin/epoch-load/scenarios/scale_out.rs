@@ -23,8 +23,9 @@ use serde::Serialize;
 use super::publish::per_user_window_over;
 use super::{Measure, Run, Target};
 use crate::cli::Args;
+use crate::driver::Phase;
 use crate::report::{Headlines, Opened, TargetReport};
-use crate::stats::{Latency, Stats, percentiles, sample};
+use crate::stats::{Latency, Stats, percentiles};
 
 /// The metric of what an instance took in from NATS.
 const NATS_MESSAGES: &str = "epoch_gateway_nats_messages_total";
@@ -78,7 +79,10 @@ struct Counts {
 
 /// Each instance's counts: its `/metrics` and its connection's `/connz` `out_msgs`.
 async fn counts(target: &Target, gateways: &[&Gateway]) -> Result<Vec<Counts>> {
-    let connz = target.monitoring_json("/connz?limit=100000").await?;
+    let connz = target
+        .server()?
+        .monitoring_json("/connz?limit=100000")
+        .await?;
     let connections = connz["connections"]
         .as_array()
         .context("no connections in /connz")?;
@@ -112,102 +116,108 @@ fn step(report: &TargetReport<ScaleOutFigures>, i: usize) -> &Step {
     &report.figures.steps[i]
 }
 
+/// The instance counts and rates, on the target's gateway and instances of their own.
+async fn scale_out(args: &Args, target: &Target) -> Result<Run<ScaleOutFigures>> {
+    let server = target.server()?;
+    let first = server.gateway().context("scale-out runs on the gateway")?;
+    let nats_pid = target.backing_pid.context("the gateway's nats-server")?;
+    let stats = Arc::new(Stats::new(args.sockets));
+    let (mut steps, mut seq, mut opened) = (Vec::new(), 0, None);
+    for &k in &args.instances {
+        let mut more = Vec::with_capacity(k - 1);
+        for _ in 1..k {
+            more.push(server.start_gateway(&[]).await?);
+        }
+        let gateways: Vec<&Gateway> = std::iter::once(first).chain(&more).collect();
+        let endpoints: Vec<_> = gateways
+            .iter()
+            .map(|g| target.endpoint_at(g.addr))
+            .collect();
+        println!("  {k} instance(s):");
+        let held = target.open_on(&endpoints, args, &stats).await?;
+        let step_opened = Opened::of(&held);
+        let users = held.opened.max(1);
+        let mut pids: Vec<u32> = gateways.iter().map(|g| g.pid()).collect();
+        pids.push(nats_pid);
+        for &rate in &args.rates {
+            let before = counts(target, &gateways).await?;
+            let w =
+                per_user_window_over(target, &pids, &stats, rate, args.secs, seq, users).await?;
+            seq += w.sent;
+            let after = counts(target, &gateways).await?;
+            let per_instance: Vec<InstanceFigures> = before
+                .iter()
+                .zip(&after)
+                .enumerate()
+                .map(|(j, (before, after))| {
+                    let nats_messages = (after.nats_messages - before.nats_messages) as u64;
+                    InstanceFigures {
+                        instance: j + 1,
+                        // Socket i is on instance i mod k.
+                        sockets: (args.sockets + (k - 1 - j) as u64) / k as u64,
+                        nats_messages,
+                        share_percent: 100.0 * nats_messages as f64 / w.sent.max(1) as f64,
+                        connz_out_msgs: after.out_msgs.saturating_sub(before.out_msgs),
+                        cpu_percent: w.servers_cpu[j],
+                    }
+                })
+                .collect();
+            let latency = percentiles(&w.counts);
+            let most_share_percent = per_instance
+                .iter()
+                .map(|i| i.share_percent)
+                .fold(0.0, f64::max);
+            let mean_cpu_percent = w.servers_cpu[..k].iter().sum::<f64>() / k as f64;
+            println!(
+                "    {rate:>7.0} msg/s: {} of {} delivered, p99 {:.3} ms; per instance: {}; nats-server cpu {:.0} %",
+                w.delivered,
+                w.sent,
+                latency.p99_ms,
+                per_instance
+                    .iter()
+                    .map(|i| format!(
+                        "{} msgs ({:.1} %), cpu {:.0} %",
+                        i.nats_messages, i.share_percent, i.cpu_percent
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                w.servers_cpu[k],
+            );
+            steps.push(Step {
+                instances: k,
+                rate_msgs_per_sec: rate,
+                opened: step_opened.clone(),
+                sent: w.sent,
+                delivered: w.delivered,
+                lost: w.sent.saturating_sub(w.delivered),
+                latency,
+                per_instance,
+                most_share_percent,
+                mean_cpu_percent,
+                nats_cpu_percent: w.servers_cpu[k],
+                load_tool_cpu_percent: w.tool_cpu,
+            });
+        }
+        held.drop_all().await;
+        for mut gateway in more {
+            gateway.stop(STOP_WAIT).await;
+        }
+        opened = Some(step_opened);
+    }
+    let figures = ScaleOutFigures {
+        delivery_enabled: delivery_enabled(server.setting("delivery.enabled")),
+        steps,
+    };
+    let opened = opened.context("--instances names no count")?;
+    target.finish_opened(opened, figures, &stats)
+}
+
 impl Measure for ScaleOut {
     type Figures = ScaleOutFigures;
 
     async fn run(args: &Args, target: &Target) -> Result<Run<ScaleOutFigures>> {
-        let first = target.gateway().context("scale-out runs on the gateway")?;
-        let nats_pid = target.backing_pid.context("the gateway's nats-server")?;
-        let stats = Arc::new(Stats::new());
-        let start = sample(target.pid)?;
-        let (mut steps, mut seq, mut opened) = (Vec::new(), 0, None);
-        for &k in &args.instances {
-            let mut more = Vec::with_capacity(k - 1);
-            for _ in 1..k {
-                more.push(target.start_gateway(&[]).await?);
-            }
-            let gateways: Vec<&Gateway> = std::iter::once(first).chain(&more).collect();
-            let endpoints: Vec<_> = gateways
-                .iter()
-                .map(|g| target.endpoint_at(g.addr))
-                .collect();
-            println!("  {k} instance(s):");
-            let held = target.open_on(&endpoints, args, &stats).await?;
-            let step_opened = Opened::of(&held);
-            let users = held.opened.max(1);
-            let mut pids: Vec<u32> = gateways.iter().map(|g| g.pid()).collect();
-            pids.push(nats_pid);
-            for &rate in &args.rates {
-                let before = counts(target, &gateways).await?;
-                let w = per_user_window_over(target, &pids, &stats, rate, args.secs, seq, users)
-                    .await?;
-                seq += w.sent;
-                let after = counts(target, &gateways).await?;
-                let per_instance: Vec<InstanceFigures> = before
-                    .iter()
-                    .zip(&after)
-                    .enumerate()
-                    .map(|(j, (before, after))| {
-                        let nats_messages = (after.nats_messages - before.nats_messages) as u64;
-                        InstanceFigures {
-                            instance: j + 1,
-                            // Socket i is on instance i mod k.
-                            sockets: (args.sockets + (k - 1 - j) as u64) / k as u64,
-                            nats_messages,
-                            share_percent: 100.0 * nats_messages as f64 / w.sent.max(1) as f64,
-                            connz_out_msgs: after.out_msgs.saturating_sub(before.out_msgs),
-                            cpu_percent: w.servers_cpu[j],
-                        }
-                    })
-                    .collect();
-                let latency = percentiles(&w.counts);
-                let most_share_percent = per_instance
-                    .iter()
-                    .map(|i| i.share_percent)
-                    .fold(0.0, f64::max);
-                let mean_cpu_percent = w.servers_cpu[..k].iter().sum::<f64>() / k as f64;
-                println!(
-                    "    {rate:>7.0} msg/s: {} of {} delivered, p99 {:.3} ms; per instance: {}; nats-server cpu {:.0} %",
-                    w.delivered,
-                    w.sent,
-                    latency.p99_ms,
-                    per_instance
-                        .iter()
-                        .map(|i| format!(
-                            "{} msgs ({:.1} %), cpu {:.0} %",
-                            i.nats_messages, i.share_percent, i.cpu_percent
-                        ))
-                        .collect::<Vec<_>>()
-                        .join(" | "),
-                    w.servers_cpu[k],
-                );
-                steps.push(Step {
-                    instances: k,
-                    rate_msgs_per_sec: rate,
-                    opened: step_opened.clone(),
-                    sent: w.sent,
-                    delivered: w.delivered,
-                    lost: w.sent.saturating_sub(w.delivered),
-                    latency,
-                    per_instance,
-                    most_share_percent,
-                    mean_cpu_percent,
-                    nats_cpu_percent: w.servers_cpu[k],
-                    load_tool_cpu_percent: w.tool_cpu,
-                });
-            }
-            held.drop_all().await;
-            for mut gateway in more {
-                gateway.stop(STOP_WAIT).await;
-            }
-            opened = Some(step_opened);
-        }
-        let figures = ScaleOutFigures {
-            delivery_enabled: delivery_enabled(target.setting("delivery.enabled")),
-            steps,
-        };
-        let opened = opened.context("--instances names no count")?;
-        target.finish_opened(opened, figures, &stats, start)
+        // The target alone, in one turn.
+        target.turn(Phase::Measured, scale_out(args, target)).await
     }
 
     fn headlines(args: &Args, rows: &mut Headlines<'_, ScaleOutFigures>) {

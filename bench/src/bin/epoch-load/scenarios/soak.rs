@@ -1,5 +1,6 @@
 //! `soak` (gateway only in `scripts/bench.sh`): per-user messages at `--per-user-rate` for `--secs`, in
-//! windows of `--sample-secs`; after each window the server's RSS, open file descriptors and threads.
+//! windows of `--sample-secs`, each a turn of its own; after each window the server's RSS, open file
+//! descriptors and threads.
 //! Tokio tasks are not counted directly: each socket's task owns its descriptor, so a leaked session shows
 //! as a descriptor that stays. Growth is judged from the end of the first window (warm) to the end of the
 //! last.
@@ -10,6 +11,7 @@ use serde::Serialize;
 use super::publish::{Window, per_user_window};
 use super::{Measure, Run, Target};
 use crate::cli::Args;
+use crate::driver::Phase;
 use crate::report::Headlines;
 use crate::stats::{fds_and_threads, mib, percentiles, sample};
 
@@ -50,25 +52,26 @@ impl Measure for Soak {
     type Figures = SoakFigures;
 
     async fn run(args: &Args, target: &Target) -> Result<Run<SoakFigures>> {
-        let (stats, held, start) = target.start(args).await?;
+        let (stats, held) = target.start(args).await?;
+        let start = std::time::Instant::now();
         let users = held.opened.max(1);
         let windows = (args.secs / args.sample_secs).ceil().max(MIN_WINDOWS) as u64;
         let (mut samples, mut seq, mut lost) = (Vec::new(), 0, 0);
         for window in 1..=windows {
-            let Window {
-                sent,
-                delivered,
-                counts,
-                ..
-            } = per_user_window(
+            let measured = per_user_window(
                 target,
                 &stats,
                 args.per_user_rate,
                 args.sample_secs,
                 seq,
                 users,
-            )
-            .await?;
+            );
+            let Window {
+                sent,
+                delivered,
+                counts,
+                ..
+            } = target.turn(Phase::Measured, measured).await?;
             let p99_ms = percentiles(&counts).p99_ms;
             seq += sent;
             lost += sent.saturating_sub(delivered);
@@ -80,7 +83,7 @@ impl Measure for Soak {
             );
             samples.push(SoakWindow {
                 window,
-                secs: start.at.elapsed().as_secs_f64(),
+                secs: start.elapsed().as_secs_f64(),
                 sent,
                 delivered,
                 p99_ms,
@@ -99,7 +102,7 @@ impl Measure for Soak {
             windows: samples,
         };
         let figures = SoakFigures { soak: summary };
-        target.finish(held, figures, &stats, start).await
+        target.finish(held, figures, &stats).await
     }
 
     fn headlines(args: &Args, rows: &mut Headlines<'_, SoakFigures>) {
@@ -110,7 +113,7 @@ impl Measure for Soak {
             ),
             |r| r.figures.soak.rss_change_percent,
             "within ±10 %",
-            |g, _| g.abs() <= 10.0,
+            |g| g.abs() <= 10.0,
         );
         rows.zero("  … open file descriptors change", |r| {
             r.figures.soak.fds_change as f64
@@ -119,7 +122,7 @@ impl Measure for Soak {
             "  … threads change",
             |r| r.figures.soak.threads_change as f64,
             "no growth",
-            |g, _| g <= 0.0,
+            |g| g <= 0.0,
         );
         rows.zero("  … messages lost", |r| r.figures.soak.lost as f64);
     }
