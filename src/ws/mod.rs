@@ -35,12 +35,13 @@ use crate::topic::UserId;
 
 /// Phoenix's V2 serializer requirement is `~> 2.0.0`: any 2.0.x.
 const SUPPORTED_VSN_PREFIX: &str = "2.0.";
-/// Read buffer per socket. Client frames are tiny (joins, heartbeats, `is_online`: well under 1 KiB); the
-/// WebSocket library's 128 KiB default would dominate the memory of an idle socket. Larger frames are read
-/// in several chunks, up to `ws.max_message_bytes`.
-const READ_BUFFER_BYTES: usize = 1024;
+/// Read buffer per socket. Client frames are tiny (joins, heartbeats, `is_online`: under 200 bytes, a
+/// `since` join under 300); the WebSocket library's 128 KiB default would dominate the memory of an idle
+/// socket, and every socket holds its buffer for its whole life. A larger frame grows the buffer to its
+/// size (up to `ws.max_message_bytes`) once its header is read.
+pub const READ_BUFFER_BYTES: usize = 512;
 /// Outgoing bytes buffered before a write reaches the socket; batches are flushed explicitly.
-const WRITE_BUFFER_BYTES: usize = 8 * 1024;
+pub const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
 /// What the endpoint and every session share: the instance's sockets, their limits, and the services a
 /// session calls. Built by the application, which holds nothing else the sessions need.

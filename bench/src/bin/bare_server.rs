@@ -6,7 +6,7 @@
 //! `[null,null,topic,event,payload]`, one allocation shared by every socket it reaches (a queue slot is one
 //! pointer) → the socket's bounded queue (the gateway's default length; a full queue closes the socket as a
 //! slow consumer, 4001, as the gateway does) → the socket's one task, which writes queued frames in batches
-//! with one flush → the socket (axum, the gateway's WebSocket stack, with its 1 KiB read and 8 KiB write
+//! with one flush → the socket (axum, the gateway's WebSocket stack, with its 512-byte read and 8 KiB write
 //! buffers, so that memory figures compare, on a listener bound like the gateway's).
 //!
 //! Nothing else: no authentication, no channels, no presence, no event stream, no metrics.
@@ -35,14 +35,12 @@ use epoch_gateway::app::listen;
 use epoch_gateway::broker::ingress;
 use epoch_gateway::protocol::{self, CloseCode, EVENT_HEARTBEAT, EVENT_JOIN, Frame, PHOENIX_TOPIC};
 use epoch_gateway::topic::Topic;
+// The gateway's read and write buffers per socket, so that memory figures compare.
+use epoch_gateway::ws::{READ_BUFFER_BYTES, WRITE_BUFFER_BYTES};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-/// The gateway's read buffer per socket (`READ_BUFFER_BYTES` of `src/ws/mod.rs`).
-const READ_BUFFER_BYTES: usize = 1024;
-/// The gateway's write buffer per socket (`WRITE_BUFFER_BYTES` of `src/ws/mod.rs`).
-const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 /// The gateway's default `ws.max_message_bytes` and `nats.max_message_bytes`.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// The gateway's default `ws.outbound_queue`: frames queued per socket before it is a slow consumer.
