@@ -10,7 +10,7 @@
 //! publisher ─► <prefix>.user.* ─► event stream ─(republish per topic)─► delivery::live (order, gaps, catch-up)
 //!                                                                               │
 //!                        broker::ingress (check + encode once) ◄────────────────┘
-//!                                 ─► hub (topic → sockets) ─► bounded queue ─► session ─► socket
+//!                                 ─► hub (topic → sockets) ─► mailbox (bounded) ─► session ─► socket
 //! socket ─► session ─► protocol::decode ─► ws::channel (join / leave / is_online) ─► reply ─► socket
 //!                                              │
 //!                                              └─► presence (local counts) ─► presence::store ─► KV bucket ─► watch ─► presence
@@ -25,8 +25,9 @@
 //! - [`metrics`], [`telemetry`]: OpenMetrics text (Prometheus scrapes it) and structured logs / traces
 //!   ([`telemetry::resolve`]: the OTLP settings over the standard `OTEL_*` variables;
 //!   [`telemetry::export`]: the bounded, counted way spans leave for the collector).
-//! - [`hub`]: local fan-out with a bounded queue per socket; knows neither NATS nor sockets.
-//! - [`broker`]: the NATS connection and its health, [`broker::ingress`] (where a NATS message becomes a
+//! - [`hub`]: local fan-out into a bounded [`hub::mailbox`] per socket; knows neither NATS nor sockets.
+//! - [`broker`]: the NATS connection and its health, [`broker::fanin`] (a lean subscriber of many
+//!   subjects on a connection of its own), [`broker::ingress`] (where a NATS message becomes a
 //!   frame), the KV plumbing and the retry loop shared by presence and revocation.
 //! - [`presence`]: who is online; [`presence::store`] keeps the KV records and the watch,
 //!   [`presence::task`] runs them, [`presence::feed`] turns them into `presence_state` and `presence_diff`
