@@ -250,6 +250,7 @@ pub struct PresenceSettings {
     /// Stream replicas of the bucket when the gateway creates it (3 on a 3-node cluster).
     pub replicas: usize,
     /// Who may join `user:public` with `{"presence": true}` and watch who is online.
+    #[serde(deserialize_with = "feed_mode")]
     pub feed: FeedMode,
     /// At most one `presence_diff` per this many milliseconds; changes in between are merged.
     pub feed_interval_ms: u64,
@@ -473,26 +474,16 @@ impl Settings {
         if self.presence.replicas == 0 || self.presence.replicas > 5 {
             return Err(invalid("presence.replicas", "must be between 1 and 5"));
         }
-        if !FEED_INTERVAL_MS.contains(&self.presence.feed_interval_ms) {
-            return Err(invalid(
-                "presence.feed_interval_ms",
-                format!(
-                    "must be between {} and {}",
-                    FEED_INTERVAL_MS.start(),
-                    FEED_INTERVAL_MS.end()
-                ),
-            ));
-        }
-        if !FEED_MAX_USERS.contains(&self.presence.feed_max_users) {
-            return Err(invalid(
-                "presence.feed_max_users",
-                format!(
-                    "must be between {} and {}",
-                    FEED_MAX_USERS.start(),
-                    FEED_MAX_USERS.end()
-                ),
-            ));
-        }
+        within(
+            "presence.feed_interval_ms",
+            self.presence.feed_interval_ms,
+            FEED_INTERVAL_MS,
+        )?;
+        within(
+            "presence.feed_max_users",
+            self.presence.feed_max_users,
+            FEED_MAX_USERS,
+        )?;
         if !is_key_token(&self.delivery.stream) {
             return Err(invalid(
                 "delivery.stream",
@@ -685,6 +676,22 @@ impl Settings {
     }
 }
 
+/// `value` of `key` within `range`, or an error that names the range.
+fn within<T: PartialOrd + fmt::Display>(
+    key: &'static str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("must be between {} and {}", range.start(), range.end()),
+        ))
+    }
+}
+
 fn parse_algorithm(name: &str) -> Result<jsonwebtoken::Algorithm, ConfigError> {
     use jsonwebtoken::Algorithm;
     match name {
@@ -748,6 +755,19 @@ const FEED_INTERVAL_MS: std::ops::RangeInclusive<u64> = 50..=60_000;
 /// Bounds of `presence.feed_max_users`: a `presence_state` frame is about 50 bytes per user, so the upper
 /// bound keeps one under 50 MB.
 const FEED_MAX_USERS: std::ops::RangeInclusive<usize> = 1..=1_000_000;
+
+/// `presence.feed`, with an error that names the accepted values.
+fn feed_mode<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<FeedMode, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    match text.as_str() {
+        "off" => Ok(FeedMode::Off),
+        "authenticated" => Ok(FeedMode::Authenticated),
+        "everyone" => Ok(FeedMode::Everyone),
+        other => Err(serde::de::Error::custom(format!(
+            "'{other}' is not a feed mode; use off, authenticated or everyone"
+        ))),
+    }
+}
 
 /// A list from a file (`["a", "b"]`) or from one environment variable (`"a,b"`).
 fn comma_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {

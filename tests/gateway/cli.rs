@@ -112,7 +112,7 @@ fn bad_configuration_names_the_key_and_the_problem() {
         ("EPOCH_GATEWAY__ENVIRONMENT", "production"),
         ("EPOCH_GATEWAY__AUTH__SECRET", "s3cret"),
     ];
-    let cases: [(&[(&str, &str)], &str); 12] = [
+    let cases: [(&[(&str, &str)], &str); 15] = [
         (&production, "EPOCH_GATEWAY__HTTP__ALLOWED_ORIGINS"),
         (
             &[(
@@ -164,6 +164,18 @@ fn bad_configuration_names_the_key_and_the_problem() {
         (
             &[("EPOCH_GATEWAY__TELEMETRY__OTLP_ENDPOINT", "collector:4317")],
             "EPOCH_GATEWAY__TELEMETRY__OTLP_ENDPOINT",
+        ),
+        (
+            &[("EPOCH_GATEWAY__PRESENCE__FEED", "sometimes")],
+            "'sometimes' is not a feed mode; use off, authenticated or everyone",
+        ),
+        (
+            &[("EPOCH_GATEWAY__PRESENCE__FEED_INTERVAL_MS", "10")],
+            "EPOCH_GATEWAY__PRESENCE__FEED_INTERVAL_MS): must be between 50 and 60000",
+        ),
+        (
+            &[("EPOCH_GATEWAY__PRESENCE__FEED_MAX_USERS", "0")],
+            "EPOCH_GATEWAY__PRESENCE__FEED_MAX_USERS): must be between 1 and 1000000",
         ),
     ];
     for (env, expected) in cases {
