@@ -60,12 +60,19 @@ pub(crate) struct Opened {
 
 impl Opened {
     pub(crate) fn of<T: 'static>(held: &Held<T>) -> Self {
+        Self::of_all(&[held])
+    }
+
+    /// How opening went for groups of sockets opened one after the other.
+    pub(crate) fn of_all<T: 'static>(groups: &[&Held<T>]) -> Self {
+        let opened = groups.iter().map(|held| held.opened).sum::<u64>();
+        let secs = groups.iter().map(|held| held.secs).sum::<f64>();
         Self {
-            sockets_opened: held.opened,
-            sockets_failed: held.failed,
-            first_error: held.first_error.clone(),
-            open_secs: held.secs,
-            connect_rate_per_sec: held.connect_rate(),
+            sockets_opened: opened,
+            sockets_failed: groups.iter().map(|held| held.failed).sum(),
+            first_error: groups.iter().find_map(|held| held.first_error.clone()),
+            open_secs: secs,
+            connect_rate_per_sec: opened as f64 / secs,
         }
     }
 }
@@ -336,22 +343,45 @@ pub(crate) fn print_headlines(rows: &[Headline], kinds: &[Kind]) {
         .into_iter()
         .filter_map(|(shown, column)| shown.then_some(column))
         .collect();
+    let headings: Vec<(&str, usize)> = columns.iter().map(|&(name, w, _)| (name, w)).collect();
+    let printed: Vec<Printed<'_>> = rows
+        .iter()
+        .map(|r| Printed {
+            figure: &r.figure,
+            cells: columns.iter().map(|(_, _, cell)| cell(r)).collect(),
+            target: &r.target,
+            met: r.met,
+        })
+        .collect();
+    print_table(&headings, &printed);
+}
+
+/// A row as printed: its figure, a cell per column, its target and whether it was met.
+struct Printed<'a> {
+    figure: &'a str,
+    cells: Vec<String>,
+    target: &'a str,
+    met: Option<bool>,
+}
+
+/// Prints the figures, a column per `(heading, width)`, then each row's target and whether it was met.
+fn print_table(headings: &[(&str, usize)], rows: &[Printed<'_>]) {
     let width = rows
         .iter()
         .map(|r| r.figure.chars().count())
         .max()
         .unwrap_or(0);
     let mut heading = format!("\n{:width$}", "figure");
-    for (name, w, _) in &columns {
+    for (name, w) in headings {
         heading.push_str(&format!("  {name:>w$}"));
     }
     println!("{heading}  {:<28}  met", "target");
-    let ruler = width + columns.iter().map(|(_, w, _)| w + 2).sum::<usize>() + 35;
+    let ruler = width + headings.iter().map(|(_, w)| w + 2).sum::<usize>() + 35;
     println!("{}", "-".repeat(ruler));
     for r in rows {
         let mut line = format!("{:width$}", r.figure);
-        for (_, w, cell) in &columns {
-            line.push_str(&format!("  {:>w$}", cell(r)));
+        for ((_, w), cell) in headings.iter().zip(&r.cells) {
+            line.push_str(&format!("  {cell:>w$}"));
         }
         let met = r.met.map_or("", |ok| if ok { "yes" } else { "NO" });
         println!("{line}  {:<28}  {met}", r.target);

@@ -189,18 +189,24 @@ async fn measure<M: Measure>(args: &Args) -> Result<()> {
             .find(|(k, _)| *k == kind)
             .map(|(_, outcome)| &outcome.report)
     };
+    let report = Report {
+        scenario: args.scenario,
+        args,
+        cpus: epoch_bench::cpus(),
+        headlines: &rows,
+        failures: &failures,
+        gateway: report_of(Kind::Gateway),
+        nats_ws: report_of(Kind::Nats),
+        bare: report_of(Kind::Bare),
+    };
+    conclude(args, &report, &failures)
+}
+
+/// The end of a run in the main process: the report written where `--json` says, and the run failed when
+/// a promise was broken.
+fn conclude(args: &Args, report: &impl Serialize, failures: &[String]) -> Result<()> {
     if let Some(path) = &args.json {
-        let report = Report {
-            scenario: args.scenario,
-            args,
-            cpus: epoch_bench::cpus(),
-            headlines: &rows,
-            failures: &failures,
-            gateway: report_of(Kind::Gateway),
-            nats_ws: report_of(Kind::Nats),
-            bare: report_of(Kind::Bare),
-        };
-        epoch_bench::write_json(path, &report)?;
+        epoch_bench::write_json(path, report)?;
         println!("\nreport written to {}", path.display());
     }
     ensure!(
