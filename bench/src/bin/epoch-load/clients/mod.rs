@@ -7,7 +7,10 @@
 //! - [`nats_ws`]: the baseline's sockets, the NATS protocol over nats-server's WebSocket listener.
 //! - [`recovering`]: the recovery storm's sockets, which reconnect to another instance and rejoin with
 //!   `since` when theirs dies, and check that no event is lost or duplicated.
+//! - [`feed`]: the presence feed's watchers, which hold who is online as phoenix.js's `Presence` does, and
+//!   the churn pool's sockets, whose users come and go.
 
+pub(crate) mod feed;
 pub(crate) mod nats_ws;
 pub(crate) mod phoenix;
 pub(crate) mod recovering;
