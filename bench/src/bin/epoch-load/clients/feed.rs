@@ -7,7 +7,9 @@
 //!   joins are answered and, with the feed on, its `presence_state` has arrived. It keeps who is online as
 //!   phoenix.js's `Presence` does (`syncState`, then `syncDiff` for each `presence_diff`, metas told apart by
 //!   `phx_ref`) in an [`OnlineList`], and reports into [`Watch`] what the feed cost it (frames and bytes,
-//!   its initial state apart) and how far apart its diffs arrived.
+//!   its initial state apart) and how far apart its diffs arrived. Every watcher reads its own frames, but
+//!   a frame's text is parsed once for all of them ([`Reader`]): the gateway sends every watcher the same
+//!   bytes.
 //! - A **churner** is the socket of a user of the churn pool (ids above the users'): authenticated and
 //!   joined to nothing at first. The [`Pool`] says whether its user should be online; the socket then joins
 //!   `user:public` (a presence join) or leaves it with `phx_leave` (a presence leave), and once the gateway
