@@ -12,7 +12,7 @@ use crate::driver::Remote;
 
 /// Most sockets of one target: one process (a driver, or this one for the gateway-only scenarios) holds
 /// every client end of a target, under the open-file limit of 20,000.
-const MAX_SOCKETS: u64 = 19_500;
+pub(crate) const MAX_SOCKETS: u64 = 19_500;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -46,6 +46,12 @@ pub(crate) enum Scenario {
     /// messages at each of `--rates` for `--secs`: the NATS messages each instance received as a share of
     /// those published, its CPU, p99, and 0 lost.
     ScaleOut,
+    /// Gateway only. Two gateways, the presence feed off and on, their windows alternated: N authenticated
+    /// sockets of which `--watchers` watch the feed, `--churn` presence joins and as many leaves a second,
+    /// per-user messages at each of `--rates`: the feed's frames and bytes per watcher, the initial
+    /// `presence_state`, the gateway's CPU and RSS, per-user p99 and lost; the run fails when a watcher's
+    /// diffs come closer than the interval allows, a socket is closed or a watcher's list is wrong.
+    PresenceFeed,
 }
 
 impl Scenario {
@@ -57,7 +63,10 @@ impl Scenario {
 
     /// Scenarios that nats-server's WebSocket listener has no equivalent for.
     pub(crate) fn gateway_only(self) -> bool {
-        matches!(self, Self::RecoveryStorm | Self::ScaleOut)
+        matches!(
+            self,
+            Self::RecoveryStorm | Self::ScaleOut | Self::PresenceFeed
+        )
     }
 }
 
@@ -109,6 +118,13 @@ pub(crate) struct Args {
     /// per-user and scale-out: offered messages per second, one measurement per rate.
     #[arg(long, value_delimiter = ',', default_value = "5000")]
     pub(crate) rates: Vec<f64>,
+    /// presence-feed: sockets among `--sockets` that watch the presence feed (join `user:public` with
+    /// `{"presence": true}`).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) watchers: u64,
+    /// presence-feed: presence joins per second, and as many leaves, by users of a pool of their own.
+    #[arg(long, default_value_t = 100.0)]
+    pub(crate) churn: f64,
     /// recovery-storm: events per second published on user.public, before and during the storm.
     #[arg(long, default_value_t = 1000.0)]
     pub(crate) rate: f64,
@@ -119,9 +135,10 @@ pub(crate) struct Args {
     /// soak: the per-user rate of the whole run.
     #[arg(long, default_value_t = 5000.0)]
     pub(crate) per_user_rate: f64,
-    /// per-user and is-online: rounds of windows, pooled per rate and condition (each window's p99 is kept
-    /// too). per-user: the rates once per round (default 1 round); is-online: alone, then control frames and
-    /// queries at each rate (default 3 rounds). idle, reconnect and broadcast-latency: measurements, each
+    /// per-user, is-online and presence-feed: rounds of windows, pooled per rate and condition (each
+    /// window's p99 is kept too). per-user: the rates once per round (default 1 round); is-online: alone,
+    /// then control frames and queries at each rate (default 3 rounds); presence-feed: the rates once per
+    /// round on each gateway (default 3 rounds). idle, reconnect and broadcast-latency: measurements, each
     /// target's alternated with the others' (default 1).
     #[arg(long)]
     pub(crate) repeats: Option<u32>,
@@ -186,6 +203,11 @@ impl Args {
             "--instances must be > 0"
         );
         ensure!(
+            self.scenario != Scenario::PresenceFeed
+                || (self.watchers <= self.sockets && self.churn > 0.0),
+            "--watchers must be at most --sockets, and --churn > 0"
+        );
+        ensure!(
             self.rates.iter().all(|&r| r > 0.0)
                 && self.rate > 0.0
                 && self.repeats != Some(0)
@@ -217,14 +239,15 @@ impl Args {
             .collect()
     }
 
-    /// Rounds of windows (`--repeats`), by default 3 for is-online and 1 otherwise.
+    /// Rounds of windows (`--repeats`), by default 3 for is-online and presence-feed and 1 otherwise.
     pub(crate) fn rounds(&self) -> u32 {
-        self.repeats
-            .unwrap_or(if self.scenario == Scenario::IsOnline {
+        self.repeats.unwrap_or(
+            if matches!(self.scenario, Scenario::IsOnline | Scenario::PresenceFeed) {
                 3
             } else {
                 1
-            })
+            },
+        )
     }
 }
 

@@ -49,6 +49,9 @@ pub(crate) struct Remote {
     pub(crate) nats_url: String,
     pub(crate) pid: u32,
     pub(crate) backing_pid: Option<u32>,
+    /// The gateway settings of the target (`EPOCH_GATEWAY__…`, the scenario's then the command line's), so
+    /// that a scenario can tell two gateways with other settings apart (presence-feed: the feed off and on).
+    pub(crate) settings: Vec<(String, String)>,
 }
 
 impl Remote {
@@ -251,6 +254,8 @@ impl Turns {
 /// One target's driver, as the main process holds it; killed when dropped.
 struct Driver {
     kind: Kind,
+    /// What its progress lines are shown with: the target's label.
+    label: String,
     child: Child,
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
@@ -273,6 +278,7 @@ impl Driver {
         let stdout = child.stdout.take().context("the driver's stdout")?;
         Ok(Self {
             kind: server.kind,
+            label: server.label(),
             child,
             stdin,
             lines: BufReader::new(stdout).lines(),
@@ -282,7 +288,7 @@ impl Driver {
     /// Gives the driver a turn and shows its progress until the turn is over; its outcome when that was
     /// its last.
     async fn turn(&mut self) -> Result<Option<Outcome>> {
-        let label = self.kind.label();
+        let label = &self.label;
         // A driver that failed has exited: its last line says why.
         let _ = self.stdin.write_all(format!("{GO}\n").as_bytes()).await;
         let _ = self.stdin.flush().await;

@@ -29,7 +29,10 @@
 //! `PING`s to nats-server) and `soak` (gateway only in `scripts/bench.sh`); and, on the gateway alone, the
 //! delivery scenarios of the event stream (CONTRACT §8): `recovery-storm` (an instance killed under its
 //! sockets, which rejoin another with `since`; the run fails on any event lost or duplicated) and
-//! `scale-out` (what each of 1, 2, 4 instances receives from NATS with interest-based ingress).
+//! `scale-out` (what each of 1, 2, 4 instances receives from NATS with interest-based ingress); and
+//! `presence-feed`, the gateway against itself: two gateways, the presence feed off and on, each a target
+//! with its own sockets and driver, their windows alternated (watchers, churn of presence joins and leaves,
+//! per-user load; the run fails when a watcher's diffs or list break the feed's promises).
 //! `scripts/bench.sh` runs them all at the sizes of docs/benchmarks.md; `scripts/bench.sh --smoke` runs
 //! them small, for CI.
 //!

@@ -9,6 +9,10 @@
 //! takes its values of the headline rows ([`Headlines`] over its report); the main process runs the same
 //! row definitions without a report and puts every server's values side by side ([`table`]).
 //!
+//! A run that compares the gateway with itself under other settings (presence-feed: the feed off and on) has
+//! a table of its own, a column per condition and the last condition's ratio to the first
+//! ([`condition_table`]), and a report with each condition's part ([`ConditionsReport`]).
+//!
 //! The rules of the table: a ratio needs both of its sides. When the gateway and another server both ran,
 //! a figure compared between them that either lacks is a failure of the run, never a pass; a target set
 //! against nats-server is not judged when nats-server did not run.
@@ -33,6 +37,19 @@ pub(crate) struct Report<'a> {
     pub(crate) gateway: Option<&'a serde_json::Value>,
     pub(crate) nats_ws: Option<&'a serde_json::Value>,
     pub(crate) bare: Option<&'a serde_json::Value>,
+}
+
+/// Everything a run that compares the gateway with itself measured.
+#[derive(Serialize)]
+pub(crate) struct ConditionsReport<'a> {
+    pub(crate) scenario: Scenario,
+    pub(crate) args: &'a Args,
+    pub(crate) cpus: usize,
+    pub(crate) headlines: &'a [ConditionHeadline],
+    /// Promises broken (the run failed): empty when it passed.
+    pub(crate) failures: &'a [String],
+    /// Each condition's `TargetReport`, by the condition's name.
+    pub(crate) conditions: BTreeMap<&'static str, &'a serde_json::Value>,
 }
 
 /// One server's run of a scenario, with the scenario's figures `F`.
@@ -60,12 +77,19 @@ pub(crate) struct Opened {
 
 impl Opened {
     pub(crate) fn of<T: 'static>(held: &Held<T>) -> Self {
+        Self::of_all(&[held])
+    }
+
+    /// How opening went for groups of sockets opened one after the other.
+    pub(crate) fn of_all<T: 'static>(groups: &[&Held<T>]) -> Self {
+        let opened = groups.iter().map(|held| held.opened).sum::<u64>();
+        let secs = groups.iter().map(|held| held.secs).sum::<f64>();
         Self {
-            sockets_opened: held.opened,
-            sockets_failed: held.failed,
-            first_error: held.first_error.clone(),
-            open_secs: held.secs,
-            connect_rate_per_sec: held.connect_rate(),
+            sockets_opened: opened,
+            sockets_failed: groups.iter().map(|held| held.failed).sum(),
+            first_error: groups.iter().find_map(|held| held.first_error.clone()),
+            open_secs: secs,
+            connect_rate_per_sec: opened as f64 / secs,
         }
     }
 }
@@ -301,6 +325,55 @@ pub(crate) fn table<F>(
     (table, failures)
 }
 
+/// A headline figure of a run that compares the gateway with itself: each condition's value, the last
+/// condition's ratio to the first, the target and whether every condition with a value met it.
+#[derive(Serialize)]
+pub(crate) struct ConditionHeadline {
+    figure: String,
+    values: BTreeMap<&'static str, Option<f64>>,
+    last_to_first: Option<f64>,
+    target: String,
+    met: Option<bool>,
+}
+
+/// The headline table of `rows` over each condition's outcome, in the conditions' order (by name).
+pub(crate) fn condition_table<F>(
+    rows: Headlines<'_, F>,
+    outcomes: &[(&'static str, &Outcome)],
+) -> Vec<ConditionHeadline> {
+    rows.rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let values: Vec<(&'static str, Option<f64>)> = outcomes
+                .iter()
+                .map(|(name, outcome)| (*name, outcome.values.get(i).copied().flatten()))
+                .collect();
+            let (first, last) = (values.first(), values.last());
+            let last_to_first = first
+                .and_then(|f| f.1)
+                .zip(last.and_then(|l| l.1))
+                .filter(|&(f, _)| f != 0.0 && values.len() > 1)
+                .map(|(f, l)| l / f);
+            // A target against nats-server has no side to judge here.
+            let met = match row.judge {
+                Judge::Alone(met) => {
+                    let judged: Vec<bool> = values.iter().filter_map(|(_, v)| v.map(met)).collect();
+                    (!judged.is_empty()).then(|| judged.iter().all(|&m| m))
+                }
+                Judge::Not | Judge::AgainstNats(_) => None,
+            };
+            ConditionHeadline {
+                figure: row.figure,
+                values: values.into_iter().collect(),
+                last_to_first,
+                target: row.target,
+                met,
+            }
+        })
+        .collect()
+}
+
 fn value_cell(v: Option<f64>) -> String {
     v.map_or("—".to_owned(), |v| format!("{v:.3}"))
 }
@@ -336,22 +409,76 @@ pub(crate) fn print_headlines(rows: &[Headline], kinds: &[Kind]) {
         .into_iter()
         .filter_map(|(shown, column)| shown.then_some(column))
         .collect();
+    let headings: Vec<(&str, usize)> = columns.iter().map(|&(name, w, _)| (name, w)).collect();
+    let printed: Vec<Printed<'_>> = rows
+        .iter()
+        .map(|r| Printed {
+            figure: &r.figure,
+            cells: columns.iter().map(|(_, _, cell)| cell(r)).collect(),
+            target: &r.target,
+            met: r.met,
+        })
+        .collect();
+    print_table(&headings, &printed);
+}
+
+/// Prints a conditions table: a column per condition (`(name, label)`, in order), then the last one's ratio
+/// to the first.
+pub(crate) fn print_condition_headlines(
+    rows: &[ConditionHeadline],
+    conditions: &[(&'static str, &'static str)],
+) {
+    let mut headings: Vec<(&str, usize)> =
+        conditions.iter().map(|&(_, label)| (label, 12)).collect();
+    headings.push(("ratio", 8));
+    let printed: Vec<Printed<'_>> = rows
+        .iter()
+        .map(|r| {
+            let mut cells: Vec<String> = conditions
+                .iter()
+                .map(|(name, _)| value_cell(r.values.get(name).copied().flatten()))
+                .collect();
+            cells.push(ratio_cell(r.last_to_first));
+            Printed {
+                figure: &r.figure,
+                cells,
+                target: &r.target,
+                met: r.met,
+            }
+        })
+        .collect();
+    print_table(&headings, &printed);
+    if let (Some((_, first)), Some((_, last))) = (conditions.first(), conditions.last()) {
+        println!("ratio: {last} / {first}");
+    }
+}
+
+/// A row as printed: its figure, a cell per column, its target and whether it was met.
+struct Printed<'a> {
+    figure: &'a str,
+    cells: Vec<String>,
+    target: &'a str,
+    met: Option<bool>,
+}
+
+/// Prints the figures, a column per `(heading, width)`, then each row's target and whether it was met.
+fn print_table(headings: &[(&str, usize)], rows: &[Printed<'_>]) {
     let width = rows
         .iter()
         .map(|r| r.figure.chars().count())
         .max()
         .unwrap_or(0);
     let mut heading = format!("\n{:width$}", "figure");
-    for (name, w, _) in &columns {
+    for (name, w) in headings {
         heading.push_str(&format!("  {name:>w$}"));
     }
     println!("{heading}  {:<28}  met", "target");
-    let ruler = width + columns.iter().map(|(_, w, _)| w + 2).sum::<usize>() + 35;
+    let ruler = width + headings.iter().map(|(_, w)| w + 2).sum::<usize>() + 35;
     println!("{}", "-".repeat(ruler));
     for r in rows {
         let mut line = format!("{:width$}", r.figure);
-        for (_, w, cell) in &columns {
-            line.push_str(&format!("  {:>w$}", cell(r)));
+        for ((_, w), cell) in headings.iter().zip(&r.cells) {
+            line.push_str(&format!("  {cell:>w$}"));
         }
         let met = r.met.map_or("", |ok| if ok { "yes" } else { "NO" });
         println!("{line}  {:<28}  {met}", r.target);
@@ -391,6 +518,22 @@ mod tests {
             failures,
             ["deliveries/s: nats-ws has no value, so no ratio to it"]
         );
+    }
+
+    #[test]
+    fn a_conditions_table_judges_every_condition_and_sets_the_last_against_the_first() {
+        let mut rows = Headlines::<()>::of(None);
+        rows.info("p99", |_| 0.0);
+        rows.zero("closed", |_| 0.0);
+        rows.zero("only on", |_| 0.0);
+        let off = outcome(&[Some(2.0), Some(0.0), None]);
+        let on = outcome(&[Some(3.0), Some(1.0), Some(0.0)]);
+        let table = condition_table(rows, &[("off", &off), ("on", &on)]);
+        assert_eq!(table[0].last_to_first, Some(1.5));
+        assert_eq!(table[0].met, None);
+        assert_eq!(table[1].met, Some(false), "one condition missed it");
+        assert_eq!(table[2].met, Some(true), "judged where there is a value");
+        assert_eq!(table[2].values["off"], None);
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub(crate) struct Server {
     /// The gateway's binary and settings (the scenario's, then the command line's), for every instance.
     gateway_bin: PathBuf,
     settings: Vec<(String, String)>,
+    /// What the target is called when the run has two of a kind (presence-feed: `feed on`), else its kind.
+    pub(crate) condition: Option<&'static str>,
 }
 
 impl Server {
@@ -83,6 +85,7 @@ impl Server {
             nats,
             gateway_bin: args.gateway_bin.clone(),
             settings,
+            condition: None,
         };
         match kind {
             Kind::Nats => server.addr = server.nats.websocket.context("websocket listener")?,
@@ -111,7 +114,13 @@ impl Server {
             nats_url: self.nats.url.clone(),
             pid: self.pid,
             backing_pid: self.backing_pid,
+            settings: self.settings.clone(),
         }
+    }
+
+    /// The target's name in progress lines and tables: its condition, else its kind's label.
+    pub(crate) fn label(&self) -> String {
+        self.condition.unwrap_or(self.kind.label()).to_owned()
     }
 
     /// Starts an instance of the gateway on this target's nats-server, with the same subject prefix,

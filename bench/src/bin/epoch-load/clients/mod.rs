@@ -7,7 +7,10 @@
 //! - [`nats_ws`]: the baseline's sockets, the NATS protocol over nats-server's WebSocket listener.
 //! - [`recovering`]: the recovery storm's sockets, which reconnect to another instance and rejoin with
 //!   `since` when theirs dies, and check that no event is lost or duplicated.
+//! - [`feed`]: the presence feed's watchers, which hold who is online as phoenix.js's `Presence` does, and
+//!   the churn pool's sockets, whose users come and go.
 
+pub(crate) mod feed;
 pub(crate) mod nats_ws;
 pub(crate) mod phoenix;
 pub(crate) mod recovering;
@@ -162,15 +165,21 @@ impl Session {
     }
 }
 
+/// phoenix.js's heartbeat timer: every `HEARTBEAT`, the first after a random half to whole period, so that
+/// the sockets' heartbeats spread over the period.
+fn heartbeat_timer(rng: &mut Rng) -> tokio::time::Interval {
+    tokio::time::interval_at(
+        tokio::time::Instant::now() + HEARTBEAT.mul_f64(0.5 + rng.unit() * 0.5),
+        HEARTBEAT,
+    )
+}
+
 /// Holds an open socket until `stop`: times deliveries and replies, sends heartbeats and, while the
 /// is-online scenario asks for them, a client frame every `query_period_us`; records a close by the server.
 async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: CancellationToken) {
     let mut session = Session::of(kind);
     let mut rng = Rng::seeded(SOCKET_SEED ^ i);
-    let mut heartbeat = tokio::time::interval_at(
-        tokio::time::Instant::now() + HEARTBEAT.mul_f64(0.5 + rng.unit() * 0.5),
-        HEARTBEAT,
-    );
+    let mut heartbeat = heartbeat_timer(&mut rng);
     let heartbeats = kind.speaks_phoenix();
     let mut period_rx = stats.query_period_us.subscribe();
     let mut period = 0;
@@ -201,12 +210,8 @@ async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: Cancellat
                 Some(frame) => ws.send(frame).await,
                 None => continue,
             },
-            message = ws.next() => match message {
-                Some(Ok(Message::Close(close))) => {
-                    stats.closed(close.map_or(0, |c| u16::from(c.code)));
-                    return;
-                }
-                Some(Ok(message)) => match session.on_message(message, i, &stats) {
+            message = ws.next() => match message_or_end(message) {
+                Ok(message) => match session.on_message(message, i, &stats) {
                     Ok(Some(reply)) => ws.send(reply).await,
                     Ok(None) => continue,
                     Err(_) => {
@@ -214,8 +219,8 @@ async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: Cancellat
                         return;
                     }
                 },
-                Some(Err(_)) | None => {
-                    stats.closed(0);
+                Err(code) => {
+                    stats.closed(code);
                     return;
                 }
             }
@@ -224,6 +229,18 @@ async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: Cancellat
             stats.closed(0);
             return;
         }
+    }
+}
+
+/// What a held socket read: a message, or its end, as the close code the server sent (0: none, or the
+/// connection broke).
+fn message_or_end(
+    read: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+) -> Result<Message, u16> {
+    match read {
+        Some(Ok(Message::Close(close))) => Err(close.map_or(0, |c| u16::from(c.code))),
+        Some(Ok(message)) => Ok(message),
+        Some(Err(_)) | None => Err(0),
     }
 }
 

@@ -28,6 +28,12 @@ pub(crate) fn token_query(auth: &Authenticator, user: u64) -> String {
     format!("token={token}")
 }
 
+/// The WebSocket handshake over `stream`, with `query` after `vsn` in the URL; no join yet.
+pub(crate) async fn connect(stream: TcpStream, addr: SocketAddr, query: &str) -> Result<PhxClient> {
+    let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&{query}");
+    Ok(PhxClient::connect_over(&url, stream, super::ws_config()).await?)
+}
+
 /// Opens the socket of `user` over `stream`, with `query` after `vsn` in its URL, and joins its three
 /// topics.
 pub(crate) async fn open(
@@ -36,8 +42,7 @@ pub(crate) async fn open(
     query: &str,
     user: u64,
 ) -> Result<Ws> {
-    let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&{query}");
-    let mut client = PhxClient::connect_over(&url, stream, super::ws_config()).await?;
+    let mut client = connect(stream, addr, query).await?;
     let own = format!("user:{user}");
     client.join_all(&["user:public", "user:role", &own]).await?;
     Ok(client.into_inner())

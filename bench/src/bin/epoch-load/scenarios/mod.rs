@@ -13,12 +13,17 @@
 //! share are in [`publish`]. The gateway-only scenarios (`recovery-storm`, `scale-out`) start more
 //! instances of the gateway on the target's nats-server ([`Server::start_gateway`]), all on one subject
 //! prefix, presence bucket and event stream, so they run in the main process, on their one target, in one
-//! turn; they fail the run when a delivery promise is broken ([`Measure::failures`]).
+//! turn; they fail the run when a delivery promise is broken ([`Measure::failures`]). A scenario that
+//! compares the gateway with itself under other settings (`presence-feed`: the presence feed off and on)
+//! names its [`Measure::CONDITIONS`]: each is a gateway target of its own, driven like the others
+//! ([`conditions`]).
 
 mod broadcast;
+mod conditions;
 mod idle;
 mod is_online;
 mod per_user;
+mod presence_feed;
 mod publish;
 mod reconnect;
 mod recovery_storm;
@@ -33,7 +38,7 @@ use epoch_gateway::auth::Authenticator;
 use epoch_gateway::config::Secret;
 use serde::Serialize;
 
-use crate::cli::{Args, Scenario};
+use crate::cli::{Args, Scenario, setting_in};
 use crate::clients::{Endpoint, Held, Kind, open_all};
 use crate::driver::{self, Outcome, Phase, Remote, Turns};
 use crate::report::{
@@ -71,6 +76,11 @@ pub(crate) trait Measure {
     fn failures(_report: &TargetReport<Self::Figures>) -> Vec<String> {
         Vec::new()
     }
+
+    /// The settings the scenario compares the gateway under, each a gateway target of its own (its own
+    /// nats-server and sockets) with the condition's settings on top of the scenario's, their turns
+    /// alternated; none: the scenario runs on `--targets`.
+    const CONDITIONS: &'static [conditions::Condition] = &[];
 }
 
 /// What a scenario measured on one server.
@@ -92,13 +102,15 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
         Scenario::Soak => run_as::<soak::Soak>(args).await,
         Scenario::RecoveryStorm => run_as::<recovery_storm::RecoveryStorm>(args).await,
         Scenario::ScaleOut => run_as::<scale_out::ScaleOut>(args).await,
+        Scenario::PresenceFeed => run_as::<presence_feed::PresenceFeed>(args).await,
     }
 }
 
 async fn run_as<M: Measure>(args: &Args) -> Result<()> {
     match &args.drive {
         Some(remote) => drive::<M>(args, remote).await,
-        None => measure::<M>(args).await,
+        None if M::CONDITIONS.is_empty() => measure::<M>(args).await,
+        None => conditions::measure::<M>(args).await,
     }
 }
 
@@ -189,18 +201,24 @@ async fn measure<M: Measure>(args: &Args) -> Result<()> {
             .find(|(k, _)| *k == kind)
             .map(|(_, outcome)| &outcome.report)
     };
+    let report = Report {
+        scenario: args.scenario,
+        args,
+        cpus: epoch_bench::cpus(),
+        headlines: &rows,
+        failures: &failures,
+        gateway: report_of(Kind::Gateway),
+        nats_ws: report_of(Kind::Nats),
+        bare: report_of(Kind::Bare),
+    };
+    conclude(args, &report, &failures)
+}
+
+/// The end of a run in the main process: the report written where `--json` says, and the run failed when
+/// a promise was broken.
+fn conclude(args: &Args, report: &impl Serialize, failures: &[String]) -> Result<()> {
     if let Some(path) = &args.json {
-        let report = Report {
-            scenario: args.scenario,
-            args,
-            cpus: epoch_bench::cpus(),
-            headlines: &rows,
-            failures: &failures,
-            gateway: report_of(Kind::Gateway),
-            nats_ws: report_of(Kind::Nats),
-            bare: report_of(Kind::Bare),
-        };
-        epoch_bench::write_json(path, &report)?;
+        epoch_bench::write_json(path, report)?;
         println!("\nreport written to {}", path.display());
     }
     ensure!(
@@ -241,6 +259,8 @@ pub(crate) struct Target {
     pub(crate) turns: Turns,
     /// The processes, when this process started them (the gateway-only scenarios); none in a driver.
     server: Option<Server>,
+    /// The gateway settings of the target, as [`Remote::settings`].
+    settings: Vec<(String, String)>,
 }
 
 impl Target {
@@ -278,7 +298,14 @@ impl Target {
             client,
             turns,
             server,
+            settings: remote.settings.clone(),
         })
+    }
+
+    /// The value a gateway setting (`presence.feed`) has on this target, when the scenario or the command
+    /// line set it.
+    pub(crate) fn setting(&self, key: &str) -> Option<&str> {
+        setting_in(&self.settings, key)
     }
 
     /// The target's processes: only where they were started (the gateway-only scenarios).

@@ -6,12 +6,12 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use super::publish::{RateTotals, WarmUp, in_round_order, per_user_window, warm_up};
+use super::publish::{RatePoint, RateTotals, WarmUp, in_round_order, per_user_window, warm_up};
 use super::{Measure, Run, Target};
 use crate::cli::Args;
 use crate::driver::Phase;
 use crate::report::{Headlines, TargetReport};
-use crate::stats::{Latency, mean, percentiles};
+use crate::stats::percentiles;
 
 pub(super) struct PerUser;
 
@@ -20,19 +20,6 @@ pub(super) struct PerUserFigures {
     rounds: u32,
     warm_up: WarmUp,
     points: Vec<RatePoint>,
-}
-
-/// One offered rate, pooled over the rounds.
-#[derive(Serialize)]
-struct RatePoint {
-    rate_msgs_per_sec: f64,
-    sent: u64,
-    delivered: u64,
-    lost: u64,
-    latency: Latency,
-    p99_ms_per_window: Vec<f64>,
-    server_cpu_percent: f64,
-    load_tool_cpu_percent: f64,
 }
 
 impl Measure for PerUser {
@@ -75,16 +62,7 @@ impl Measure for PerUser {
             .rates
             .iter()
             .zip(per_rate)
-            .map(|(&rate, t)| RatePoint {
-                rate_msgs_per_sec: rate,
-                sent: t.sent,
-                delivered: t.delivered,
-                lost: t.sent.saturating_sub(t.delivered),
-                latency: t.latency.latency(),
-                server_cpu_percent: mean(&t.server_cpu),
-                load_tool_cpu_percent: mean(&t.tool_cpu),
-                p99_ms_per_window: t.latency.window_p99_ms,
-            })
+            .map(|(&rate, t)| RatePoint::of(rate, t))
             .collect();
         let figures = PerUserFigures {
             rounds,

@@ -1,6 +1,7 @@
 //! The publisher (async-nats, open loop at the offered rate, the same for every target), the wait for a
-//! backlog to drain, and the window of per-user messages that the per-user, is-online and soak scenarios
-//! are made of, with the warm-up window the first two start with.
+//! backlog to drain, and the window of per-user messages that the per-user, is-online, soak and
+//! presence-feed scenarios are made of, with the warm-up window they start with (soak aside) and the
+//! figures of one rate pooled over rounds.
 
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{PREFIX, Target};
 use crate::driver::Phase;
 use crate::stats::{
-    Latency, Pooled, Stats, counts_between, cpu_percent, percentiles, sample, sample_self,
+    Latency, Pooled, Stats, counts_between, cpu_percent, mean, percentiles, sample, sample_self,
     stamped_body,
 };
 
@@ -23,6 +24,8 @@ const DRAIN_QUIET: Duration = Duration::from_millis(500);
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// Bound on the drain after a per-user window.
 pub(super) const WINDOW_DRAIN_CAP: Duration = Duration::from_secs(10);
+/// How often an open-loop schedule ([`paced`]) looks at the clock.
+const PACE_TICK: Duration = Duration::from_millis(1);
 /// Seed of the per-user windows' choice of users: every window sends to the same sequence of users.
 const USERS_SEED: u64 = 0x2545_F491_4F6C_DD1D;
 
@@ -56,23 +59,40 @@ pub(super) async fn publish_until(
     first_seq: u64,
     subject: impl Fn(u64) -> String,
 ) -> Result<u64> {
-    let started = tokio::time::Instant::now();
-    let mut sent = 0;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    while sent < total && !stop.is_cancelled() {
-        tick.tick().await;
-        let due = ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
-        while sent < due {
-            let seq = first_seq + sent;
-            client
-                .publish(subject(seq), stamped_body(seq).into())
-                .await?;
-            sent += 1;
-        }
-    }
+    let sent = paced(rate, total, stop, |k| {
+        let seq = first_seq + k;
+        client.publish(subject(seq), stamped_body(seq).into())
+    })
+    .await?;
     client.flush().await?;
     Ok(sent)
+}
+
+/// Does `step(k)` for `k` in `0..total` at `rate` a second, until `stop`; returns how many were done. Open
+/// loop: the schedule does not wait for the servers, and a late tick catches up at once.
+pub(super) async fn paced<E, Step>(
+    rate: f64,
+    total: u64,
+    stop: &CancellationToken,
+    mut step: impl FnMut(u64) -> Step,
+) -> Result<u64>
+where
+    Step: Future<Output = Result<(), E>>,
+    anyhow::Error: From<E>,
+{
+    let started = tokio::time::Instant::now();
+    let mut done = 0;
+    let mut tick = tokio::time::interval(PACE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while done < total && !stop.is_cancelled() {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
+        while done < due {
+            step(done).await?;
+            done += 1;
+        }
+    }
+    Ok(done)
 }
 
 /// The subject of every broadcast.
@@ -180,20 +200,25 @@ pub(super) async fn warm_up(
 ) -> Result<WarmUp> {
     let window = per_user_window(target, stats, rate, secs, 0, users);
     let w = target.turn(Phase::Setup, window).await?;
-    let warm_up = WarmUp {
-        rate_msgs_per_sec: rate,
-        sent: w.sent,
-        delivered: w.delivered,
-        latency: percentiles(&w.counts),
-    };
-    println!(
-        "  warm-up, {rate:.0} msg/s: {} of {} delivered, p99 {:.3} ms (not counted)",
-        w.delivered, w.sent, warm_up.latency.p99_ms
-    );
-    Ok(warm_up)
+    Ok(WarmUp::of(rate, &w))
 }
 
 impl WarmUp {
+    /// The warm-up that window `w`, at `rate`, was; printed.
+    pub(super) fn of(rate: f64, w: &Window) -> Self {
+        let warm_up = Self {
+            rate_msgs_per_sec: rate,
+            sent: w.sent,
+            delivered: w.delivered,
+            latency: percentiles(&w.counts),
+        };
+        println!(
+            "  warm-up, {rate:.0} msg/s: {} of {} delivered, p99 {:.3} ms (not counted)",
+            w.delivered, w.sent, warm_up.latency.p99_ms
+        );
+        warm_up
+    }
+
     /// The number of the first message after it.
     pub(super) fn next_seq(&self) -> u64 {
         self.sent
@@ -208,6 +233,35 @@ pub(super) struct RateTotals {
     pub(super) delivered: u64,
     pub(super) server_cpu: Vec<f64>,
     pub(super) tool_cpu: Vec<f64>,
+}
+
+/// One offered rate, pooled over the rounds.
+#[derive(Serialize)]
+pub(super) struct RatePoint {
+    rate_msgs_per_sec: f64,
+    sent: u64,
+    delivered: u64,
+    pub(super) lost: u64,
+    pub(super) latency: Latency,
+    p99_ms_per_window: Vec<f64>,
+    server_cpu_percent: f64,
+    load_tool_cpu_percent: f64,
+}
+
+impl RatePoint {
+    /// The windows at `rate`.
+    pub(super) fn of(rate: f64, totals: RateTotals) -> Self {
+        Self {
+            rate_msgs_per_sec: rate,
+            sent: totals.sent,
+            delivered: totals.delivered,
+            lost: totals.sent.saturating_sub(totals.delivered),
+            latency: totals.latency.latency(),
+            server_cpu_percent: mean(&totals.server_cpu),
+            load_tool_cpu_percent: mean(&totals.tool_cpu),
+            p99_ms_per_window: totals.latency.window_p99_ms,
+        }
+    }
 }
 
 impl RateTotals {
