@@ -22,6 +22,11 @@
 //! built (cached, encoded once per change): registering the watcher and taking that state happen under
 //! the lock that publishing takes too, so every watcher's diffs start exactly where its state ends.
 //!
+//! A long list is sent in frames of [`STATE_CHUNK_USERS`] users: `presence_state` with the first of them,
+//! then `presence_diff`s that join the rest, which phoenix.js applies in order. The WebSocket library keeps
+//! a socket's write buffer as large as the largest frame it wrote, for the socket's whole life; one frame
+//! of 10,000 users (half a megabyte) would cost every watcher that much memory.
+//!
 //! Bound: with more than `presence.feed_max_users` users online the feed is suspended. Watchers get one
 //! `presence_suspended {"reason": …}` and no diffs, joins asking for the feed are refused, and once the
 //! count is back within the bound every watcher gets a fresh `presence_state` and diffs resume. No state
@@ -102,8 +107,8 @@ struct State {
     /// Per user, the refs of the instances the user is online on, as the diffs so far have said.
     published: HashMap<UserId, Vec<Ref>>,
     watchers: HashMap<ConnId, Mailbox>,
-    /// `presence_state` of `published`, encoded on first need after each change.
-    state_frame: Option<Frame>,
+    /// The frames of `published` for a new watcher, encoded on first need after each change.
+    state_frames: Option<Arc<[Frame]>>,
     /// More users online than the bound: no diffs until it is back within it.
     suspended: bool,
 }
@@ -148,17 +153,18 @@ impl Feed {
         }
     }
 
-    /// Makes `conn` a watcher and returns the `presence_state` frame to send right after its join reply:
-    /// every diff offered to it from now on follows that state. Watching again replaces the watcher.
-    pub fn watch(&self, conn: ConnId, mailbox: Mailbox) -> Result<Frame, Refused> {
+    /// Makes `conn` a watcher and returns the frames of the list to send right after its join reply
+    /// (`presence_state`, then `presence_diff` joins for a long list): every diff offered to it from now
+    /// on follows them. Watching again replaces the watcher.
+    pub fn watch(&self, conn: ConnId, mailbox: Mailbox) -> Result<Arc<[Frame]>, Refused> {
         let mut state = self.lock();
         if state.suspended {
             return Err(Refused::TooManyUsers);
         }
-        let frame = state.state_frame().clone();
+        let frames = state.state_frames();
         state.watchers.insert(conn, mailbox);
         self.metrics.presence_feed_watchers(state.watchers.len());
-        Ok(frame)
+        Ok(frames)
     }
 
     /// `conn` stops watching (left `user:public`, rejoined without the feed, or closed).
@@ -180,12 +186,12 @@ impl Feed {
         if joins.is_empty() && leaves.is_empty() {
             return;
         }
-        state.state_frame = None;
+        state.state_frames = None;
         let over = state.published.len() > self.options.max_users;
-        let frame = match (over, state.suspended) {
+        let frames: Arc<[Frame]> = match (over, state.suspended) {
             (false, false) => {
                 self.metrics.presence_feed_diff();
-                diff_frame(&joins, &leaves)
+                Arc::new([diff_frame(&joins, &leaves)])
             }
             (true, false) => {
                 state.suspended = true;
@@ -194,7 +200,7 @@ impl Feed {
                     max = self.options.max_users,
                     "presence feed suspended: more users online than presence.feed_max_users"
                 );
-                suspended_frame()
+                Arc::new([suspended_frame()])
             }
             (false, true) => {
                 state.suspended = false;
@@ -202,15 +208,18 @@ impl Feed {
                     online = state.published.len(),
                     "presence feed resumed: watchers get a fresh presence_state"
                 );
-                state.state_frame().clone()
+                state.state_frames()
             }
             (true, true) => return,
         };
-        // Not an event of the stream: sequence 0. A watcher whose queue is full is closed as a slow
+        // Not events of the stream: sequence 0. A watcher whose queue is full is closed as a slow
         // consumer, as for any broadcast.
-        let queued = Queued::new(frame, Instant::now(), Topic::Public, 0);
-        for mailbox in state.watchers.values() {
-            mailbox.offer(queued.clone());
+        let now = Instant::now();
+        for frame in frames.iter() {
+            let queued = Queued::new(frame.clone(), now, Topic::Public, 0);
+            for mailbox in state.watchers.values() {
+                mailbox.offer(queued.clone());
+            }
         }
     }
 
@@ -256,18 +265,27 @@ impl State {
         (joins, leaves)
     }
 
-    fn state_frame(&mut self) -> &Frame {
-        self.state_frame.get_or_insert_with(|| {
-            let mut payload = String::with_capacity(self.published.len() * STATE_BYTES_PER_USER);
-            write_presences(
-                &mut payload,
-                self.published.iter().map(|(u, r)| (*u, &r[..])),
-            );
-            event_frame(EVENT_STATE, payload)
-        })
+    fn state_frames(&mut self) -> Arc<[Frame]> {
+        let published = &self.published;
+        Arc::clone(self.state_frames.get_or_insert_with(|| {
+            let users: Vec<(UserId, &[Ref])> =
+                published.iter().map(|(u, r)| (*u, &r[..])).collect();
+            let mut chunks = users.chunks(STATE_CHUNK_USERS);
+            let first = chunks.next().unwrap_or_default();
+            let mut payload = String::with_capacity(first.len() * STATE_BYTES_PER_USER + 2);
+            write_presences(&mut payload, first.iter().copied());
+            std::iter::once(event_frame(EVENT_STATE, payload))
+                .chain(chunks.map(|chunk| {
+                    let joins: Metas = chunk.iter().map(|(u, r)| (*u, r.to_vec())).collect();
+                    diff_frame(&joins, &Vec::new())
+                }))
+                .collect()
+        }))
     }
 }
 
+/// Users per frame of a new watcher's list (about 6 KB a frame).
+pub const STATE_CHUNK_USERS: usize = 128;
 /// About what one user with one instance takes in a `presence_state`.
 const STATE_BYTES_PER_USER: usize = 48;
 
@@ -370,12 +388,13 @@ mod tests {
         feed.tick();
         let (outbound, mut rx) = watcher();
         let state = feed.watch(7, outbound).unwrap();
+        assert_eq!(state.len(), 1);
         assert!(
-            state
+            state[0]
                 .as_str()
                 .starts_with(r#"[null,null,"user:public","presence_state","#)
         );
-        assert_eq!(payload(&state), serde_json::json!({"1": meta("a")}));
+        assert_eq!(payload(&state[0]), serde_json::json!({"1": meta("a")}));
 
         presence.join(UserId::new(2));
         presence.record_remote(UserId::new(3), "b", true);
@@ -430,7 +449,7 @@ mod tests {
         );
         let (outbound, _rx) = watcher();
         assert_eq!(
-            payload(&feed.watch(2, outbound).unwrap()),
+            payload(&feed.watch(2, outbound).unwrap()[0]),
             serde_json::json!({"5": meta("a")})
         );
     }
@@ -462,6 +481,37 @@ mod tests {
             frames[0].1,
             serde_json::json!({"3": meta("a"), "4": meta("a")})
         );
+    }
+
+    #[test]
+    fn a_long_list_is_a_state_then_joins_in_bounded_frames() {
+        let (feed, presence) = feed(10_000);
+        let users = STATE_CHUNK_USERS * 2 + 7;
+        for id in 1..=users as u64 {
+            presence.join(UserId::new(id));
+        }
+        feed.tick();
+        let (outbound, _rx) = watcher();
+        let frames = feed.watch(1, outbound).unwrap();
+        assert_eq!(frames.len(), 3);
+        let mut listed = std::collections::HashSet::new();
+        for (i, frame) in frames.iter().enumerate() {
+            let value: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+            let part = if i == 0 {
+                assert_eq!(value[3], "presence_state");
+                value[4].clone()
+            } else {
+                assert_eq!(value[3], "presence_diff");
+                assert_eq!(value[4]["leaves"], serde_json::json!({}));
+                value[4]["joins"].clone()
+            };
+            let part = part.as_object().unwrap();
+            assert!(part.len() <= STATE_CHUNK_USERS);
+            for user in part.keys() {
+                assert!(listed.insert(user.clone()), "{user} twice");
+            }
+        }
+        assert_eq!(listed.len(), users);
     }
 
     #[test]

@@ -78,8 +78,8 @@ pub struct PendingJoin {
     msg_ref: Option<String>,
     wants: Wants,
     upstream: Option<oneshot::Receiver<()>>,
-    /// The `presence_state` to send after the reply (and the replay), when the join watches the feed.
-    presence_state: Option<Frame>,
+    /// The feed's list to send after the reply (and the replay), when the join watches the feed.
+    presence_state: Option<Arc<[Frame]>>,
 }
 
 /// The response of a join with positions.
@@ -91,7 +91,8 @@ struct Positioned {
     recovered: Option<bool>,
 }
 
-/// Frames produced by one client frame; at most two (a `phx_close` and a reply).
+/// Frames produced by one client frame, in order: a reply (after a `phx_close` on a rejoin), and after a
+/// join the replay or the presence feed's list.
 pub type Replies = Vec<Frame>;
 
 /// A joined topic. Only canonical topic names are joined (`user:<id>` with a canonical id), so the name
@@ -189,7 +190,11 @@ impl Channels {
         let presence_state = pending.presence_state.take();
         let mut replies = self.answer(pending).await;
         // The feed's diffs queued since the join follow this state, and the queue is written after it.
-        replies.extend(presence_state);
+        replies.extend(
+            presence_state
+                .iter()
+                .flat_map(|frames| frames.iter().cloned()),
+        );
         replies
     }
 
@@ -464,7 +469,11 @@ impl Channels {
             }
         };
         let mut replies = vec![close, reply];
-        replies.extend(presence_state);
+        replies.extend(
+            presence_state
+                .iter()
+                .flat_map(|frames| frames.iter().cloned()),
+        );
         replies
     }
 
@@ -483,8 +492,8 @@ impl Channels {
         Ok(true)
     }
 
-    /// Makes this socket a watcher of the feed; returns the `presence_state` to send after the reply.
-    fn watch(&self) -> Result<Frame, Refused> {
+    /// Makes this socket a watcher of the feed; returns the list's frames to send after the reply.
+    fn watch(&self) -> Result<Arc<[Frame]>, Refused> {
         let feed = self.feed.as_ref().ok_or(Refused::Off)?;
         feed.watch(self.conn, self.mailbox.clone())
     }
@@ -595,7 +604,10 @@ impl Channels {
         };
         if upstream.is_none() && wants == Wants::Plain {
             let reply = protocol::reply(join_ref.as_deref(), msg_ref, &name, Status::Ok, &Empty {});
-            return std::iter::once(reply).chain(presence_state).collect();
+            let state = presence_state
+                .iter()
+                .flat_map(|frames| frames.iter().cloned());
+            return std::iter::once(reply).chain(state).collect();
         }
         self.pending = Some(Box::new(PendingJoin {
             topic,

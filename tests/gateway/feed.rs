@@ -60,7 +60,8 @@ async fn phoenix_js_presence_across_instances_through_batching_a_rejoin_and_a_cr
     };
     let a = Gateway::start_with(&nats.url, options()).await;
     let mut b = Gateway::start_with(&nats.url, options()).await;
-    let batch: Vec<u64> = (100..120).collect();
+    // More users than one frame of a list holds: the rejoin's fresh list comes as a state and joins.
+    let batch: Vec<u64> = (100..250).collect();
     let users = [1, 2, 3].into_iter().chain(batch.iter().copied());
     let tokens: serde_json::Map<String, Value> = users
         .map(|user| (user.to_string(), json!(a.token(user))))

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Result, bail, ensure};
 use epoch_bench::rng::Rng;
 use epoch_gateway::presence::feed::{
-    EVENT_DIFF, EVENT_STATE, EVENT_SUSPENDED, FEED_TOPIC, PARAM_PRESENCE,
+    EVENT_DIFF, EVENT_STATE, EVENT_SUSPENDED, FEED_TOPIC, PARAM_PRESENCE, STATE_CHUNK_USERS,
 };
 use epoch_testkit::Ws;
 use futures::{SinkExt, StreamExt};
@@ -247,7 +247,9 @@ pub(crate) struct Watch {
 /// The watchers' counters.
 #[derive(Default)]
 pub(crate) struct WatchTally {
-    /// First `presence_state`s received, their bytes (all, and the largest) and the users they listed.
+    /// Watchers' initial lists received (a `presence_state`, then for a long list `presence_diff`s that
+    /// only join, [`STATE_CHUNK_USERS`] users a frame): how many, their bytes (all, and the largest frame)
+    /// and the users they listed.
     pub(crate) states: AtomicU64,
     pub(crate) state_bytes: AtomicU64,
     pub(crate) state_bytes_max: AtomicU64,
@@ -416,6 +418,8 @@ pub(crate) struct Watcher {
     watch: Arc<Watch>,
     stats: Arc<Stats>,
     has_state: bool,
+    /// The initial list's last frame was full: the next diff, if it only joins, continues the list.
+    list_continues: bool,
     /// When its last diff arrived ([`now_us`]), in which checked window (0: none).
     last_diff: Option<(u64, u64)>,
 }
@@ -449,18 +453,24 @@ impl Watcher {
             return;
         };
         self.list().sync_state(state);
+        self.list_continues = state.len() == STATE_CHUNK_USERS;
         let t = &self.watch.tally;
         if self.has_state {
             t.later_states.fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.has_state = true;
-        let bytes = text.len() as u64;
         t.states.fetch_add(1, Ordering::Relaxed);
+        self.count_initial(text, state.len());
+    }
+
+    /// One frame of the watcher's initial list.
+    fn count_initial(&self, text: &str, users: usize) {
+        let t = &self.watch.tally;
+        let bytes = text.len() as u64;
         t.state_bytes.fetch_add(bytes, Ordering::Relaxed);
         t.state_bytes_max.fetch_max(bytes, Ordering::Relaxed);
-        t.state_users
-            .fetch_add(state.len() as u64, Ordering::Relaxed);
+        t.state_users.fetch_add(users as u64, Ordering::Relaxed);
     }
 
     fn on_diff(&mut self, text: &str) {
@@ -476,6 +486,13 @@ impl Watcher {
         } else {
             self.malformed();
         }
+        if self.list_continues && leaves.is_empty() {
+            // The rest of a long initial list: counted with it, not as the feed's diffs.
+            self.list_continues = joins.len() == STATE_CHUNK_USERS;
+            self.count_initial(text, joins.len());
+            return;
+        }
+        self.list_continues = false;
         let t = &self.watch.tally;
         t.diffs.fetch_add(1, Ordering::Relaxed);
         t.diff_bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
@@ -549,6 +566,7 @@ pub(crate) async fn open_watcher(
         watch,
         stats,
         has_state: false,
+        list_continues: false,
         last_diff: None,
     };
     let mut answered = 0;

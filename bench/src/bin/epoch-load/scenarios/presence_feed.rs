@@ -194,12 +194,15 @@ struct FeedFigures {
     lists: Option<ListCheck>,
 }
 
-/// The watchers' first `presence_state`s.
+/// The watchers' initial lists: each a `presence_state`, then for a long list `presence_diff`s that join
+/// the rest, a bounded number of users a frame.
 #[derive(Serialize)]
 struct InitialState {
     watchers: u64,
+    /// Bytes of a watcher's whole initial list, on average.
     mean_bytes: f64,
-    max_bytes: u64,
+    /// The largest frame of an initial list.
+    max_frame_bytes: u64,
     mean_users: f64,
 }
 
@@ -485,7 +488,7 @@ impl Feed<'_> {
             initial_state: InitialState {
                 watchers: states,
                 mean_bytes: per_state(t.state_bytes.load(Ordering::Relaxed)),
-                max_bytes: t.state_bytes_max.load(Ordering::Relaxed),
+                max_frame_bytes: t.state_bytes_max.load(Ordering::Relaxed),
                 mean_users: per_state(t.state_users.load(Ordering::Relaxed)),
             },
             later_states: t.later_states.load(Ordering::Relaxed),
@@ -667,9 +670,10 @@ impl Measure for PresenceFeed {
         rows.info("  … users per diff (joins + leaves)", |r| {
             r.figures.feed.mean_joins_per_diff + r.figures.feed.mean_leaves_per_diff
         });
-        rows.info("presence_state bytes per watcher (initial state)", |r| {
-            r.figures.feed.initial_state.mean_bytes
-        });
+        rows.info(
+            "initial list bytes per watcher (presence_state and its join frames)",
+            |r| r.figures.feed.initial_state.mean_bytes,
+        );
         rows.info("  … users in it", |r| {
             r.figures.feed.initial_state.mean_users
         });
