@@ -128,6 +128,8 @@ enum Judge {
     Alone(fn(f64) -> bool),
     /// By the gateway's value and its ratio to nats-server's.
     AgainstNats(fn(f64, f64) -> bool),
+    /// By the gateway's value and its ratio to the bare server's.
+    AgainstBare(fn(f64, f64) -> bool),
 }
 
 /// A headline row, apart from its values.
@@ -217,6 +219,18 @@ impl<'a, F> Headlines<'a, F> {
         self.push(figure, target, Judge::AgainstNats(met), true, value);
     }
 
+    /// A figure whose target is met when `met(gateway's value, gateway / bare server)`; not judged when
+    /// the bare server did not run.
+    pub(crate) fn against_bare(
+        &mut self,
+        figure: impl Into<String>,
+        value: impl Fn(&TargetReport<F>) -> f64,
+        target: &str,
+        met: fn(f64, f64) -> bool,
+    ) {
+        self.push(figure, target, Judge::AgainstBare(met), true, value);
+    }
+
     fn push(
         &mut self,
         figure: impl Into<String>,
@@ -299,17 +313,16 @@ pub(crate) fn table<F>(
                 ));
             }
         }
-        let to_nats = ratio(nats);
+        let (to_nats, to_bare) = (ratio(nats), ratio(bare));
+        // A missing side is a failure above, and never a target met.
+        let against = |other: Option<Option<f64>>, to: Option<f64>, met: fn(f64, f64) -> bool| {
+            other.map(|_| gateway.flatten().zip(to).is_some_and(|(g, r)| met(g, r)))
+        };
         let met = match row.judge {
             Judge::Not => None,
             Judge::Alone(met) => gateway.flatten().map(met),
-            // A missing side is a failure above, and never a target met.
-            Judge::AgainstNats(met) => nats.map(|_| {
-                gateway
-                    .flatten()
-                    .zip(to_nats)
-                    .is_some_and(|(g, r)| met(g, r))
-            }),
+            Judge::AgainstNats(met) => against(nats, to_nats, met),
+            Judge::AgainstBare(met) => against(bare, to_bare, met),
         };
         table.push(Headline {
             figure: row.figure,
@@ -317,7 +330,7 @@ pub(crate) fn table<F>(
             nats_ws: nats.flatten(),
             bare: bare.flatten(),
             gateway_to_nats_ws: to_nats,
-            gateway_to_bare: ratio(bare),
+            gateway_to_bare: to_bare,
             target: row.target,
             met,
         });
@@ -355,13 +368,13 @@ pub(crate) fn condition_table<F>(
                 .zip(last.and_then(|l| l.1))
                 .filter(|&(f, _)| f != 0.0 && values.len() > 1)
                 .map(|(f, l)| l / f);
-            // A target against nats-server has no side to judge here.
+            // A target against another server has no side to judge here.
             let met = match row.judge {
                 Judge::Alone(met) => {
                     let judged: Vec<bool> = values.iter().filter_map(|(_, v)| v.map(met)).collect();
                     (!judged.is_empty()).then(|| judged.iter().all(|&m| m))
                 }
-                Judge::Not | Judge::AgainstNats(_) => None,
+                Judge::Not | Judge::AgainstNats(_) | Judge::AgainstBare(_) => None,
             };
             ConditionHeadline {
                 figure: row.figure,

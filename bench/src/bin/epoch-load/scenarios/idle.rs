@@ -142,8 +142,8 @@ impl Measure for Idle {
         rows.judged(
             format!("RSS per idle socket (KiB), {} sockets", args.sockets),
             |r| r.figures.kib_per_socket,
-            "≤ 8 KiB",
-            |g| g <= 8.0,
+            "≤ 6 KiB",
+            |g| g <= 6.0,
         );
         rows.own("  … its nats-server's RSS per idle socket (KiB)", |r| {
             r.figures.backing_nats_kib_per_socket.unwrap_or(f64::NAN)

@@ -75,8 +75,8 @@ impl Measure for Reconnect {
                 args.sockets
             ),
             |r| r.figures.rejoined_all_secs,
-            "< 3 s",
-            |g| g < 3.0,
+            "≤ 1.2 s",
+            |g| g <= 1.2,
         );
     }
 }
