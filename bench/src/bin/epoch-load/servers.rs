@@ -3,6 +3,7 @@
 //!
 //! - gateway: a JetStream nats-server (with its monitoring endpoint: the gateway-only scenarios read its
 //!   JetStream API counts) and the release `epoch-gateway` on port 0, with the abuse limits lifted;
+//!   gateway-b the same, with settings or a build of its own;
 //! - nats-ws: a nats-server with a WebSocket listener, which is both;
 //! - bare: a core nats-server and `bare_server` on port 0.
 //!
@@ -55,7 +56,8 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    /// Starts the target `kind`; a gateway with the scenario's settings, then the command line's.
+    /// Starts the target `kind`; a gateway with the scenario's settings, then the command line's (and
+    /// gateway-b's own last).
     pub(crate) async fn start(
         args: &Args,
         kind: Kind,
@@ -63,12 +65,17 @@ impl Server {
     ) -> Result<Self> {
         let mut settings = scenario_settings;
         settings.extend(args.gateway_settings.iter().cloned());
+        let mut gateway_bin = args.gateway_bin.clone();
+        if kind == Kind::GatewayB {
+            settings.extend(args.gateway_b_settings.iter().cloned());
+            gateway_bin = args.gateway_b_bin.clone().unwrap_or(gateway_bin);
+        }
         let serves = match kind {
-            Kind::Gateway => Serves::JetStream,
+            Kind::Gateway | Kind::GatewayB => Serves::JetStream,
             Kind::Nats => Serves::WebSocket,
             Kind::Bare => Serves::Core,
         };
-        let nats = if kind == Kind::Gateway {
+        let nats = if kind.is_gateway() {
             Nats::launch_monitored(&args.nats_server, free_port(), serves)?
         } else {
             Nats::launch(&args.nats_server, free_port(), serves)?
@@ -81,12 +88,12 @@ impl Server {
             gateway: None,
             _bare: None,
             nats,
-            gateway_bin: args.gateway_bin.clone(),
+            gateway_bin,
             settings,
         };
         match kind {
             Kind::Nats => server.addr = server.nats.websocket.context("websocket listener")?,
-            Kind::Gateway => {
+            Kind::Gateway | Kind::GatewayB => {
                 let gateway = server.start_gateway(&[]).await?;
                 (server.addr, server.pid) = (gateway.addr, gateway.pid());
                 server.gateway = Some(gateway);

@@ -197,6 +197,7 @@ async fn measure<M: Measure>(args: &Args) -> Result<()> {
             headlines: &rows,
             failures: &failures,
             gateway: report_of(Kind::Gateway),
+            gateway_b: report_of(Kind::GatewayB),
             nats_ws: report_of(Kind::Nats),
             bare: report_of(Kind::Bare),
         };
