@@ -172,6 +172,11 @@ pub(crate) struct Args {
     /// A setting of the `gateway-b` target only, after the `--gateway-setting`s; repeatable.
     #[arg(long = "gateway-b-setting", value_parser = parse_setting)]
     pub(crate) gateway_b_settings: Vec<(String, String)>,
+    /// per-user: write a timeline of every measured window, per 10 ms, to this path with each target's
+    /// name added (`timeline.json` → `timeline-gateway.json`, …): deliveries and latency, the CPU of
+    /// every thread of the server, its nats-server and the load tool, and the servers' counters.
+    #[arg(long)]
+    pub(crate) timeline: Option<PathBuf>,
     /// Run as the driver of one target: hold its sockets and measure on the turns the parent gives.
     #[arg(long, hide = true, value_parser = Remote::parse)]
     #[serde(skip)]
@@ -195,6 +200,10 @@ impl Args {
             (self.gateway_b_bin.is_none() && self.gateway_b_settings.is_empty())
                 || self.kinds().contains(&Kind::GatewayB),
             "--gateway-b-bin and --gateway-b-setting are for the gateway-b target (--targets gateway,gateway-b)"
+        );
+        ensure!(
+            self.timeline.is_none() || self.scenario == Scenario::PerUser,
+            "--timeline is a per-user option"
         );
         ensure!(
             self.instances.iter().all(|&k| k > 0),

@@ -49,6 +49,8 @@ pub(crate) struct Remote {
     pub(crate) nats_url: String,
     pub(crate) pid: u32,
     pub(crate) backing_pid: Option<u32>,
+    /// The monitoring endpoint of the target's nats-server (`/varz`).
+    pub(crate) monitoring: Option<SocketAddr>,
 }
 
 impl Remote {

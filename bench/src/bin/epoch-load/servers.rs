@@ -1,11 +1,13 @@
 //! The servers under test, started by the tool's main process before any socket opens and killed when
 //! the run ends: per target, the process measured and the nats-server that its messages come through.
 //!
-//! - gateway: a JetStream nats-server (with its monitoring endpoint: the gateway-only scenarios read its
-//!   JetStream API counts) and the release `epoch-gateway` on port 0, with the abuse limits lifted;
-//!   gateway-b the same, with settings or a build of its own;
+//! - gateway: a JetStream nats-server and the release `epoch-gateway` on port 0, with the abuse limits
+//!   lifted; gateway-b the same, with settings or a build of its own;
 //! - nats-ws: a nats-server with a WebSocket listener, which is both;
 //! - bare: a core nats-server and `bare_server` on port 0.
+//!
+//! Every nats-server serves its monitoring endpoint: the gateway-only scenarios read its JetStream API
+//! counts, the per-user timeline its `/varz`.
 //!
 //! Every target has a nats-server of its own, so the publisher of one target's window loads no other
 //! target, and each server's memory and CPU are read apart from its nats-server's.
@@ -75,11 +77,7 @@ impl Server {
             Kind::Nats => Serves::WebSocket,
             Kind::Bare => Serves::Core,
         };
-        let nats = if kind.is_gateway() {
-            Nats::launch_monitored(&args.nats_server, free_port(), serves)?
-        } else {
-            Nats::launch(&args.nats_server, free_port(), serves)?
-        };
+        let nats = Nats::launch_monitored(&args.nats_server, free_port(), serves)?;
         let mut server = Self {
             kind,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -118,6 +116,7 @@ impl Server {
             nats_url: self.nats.url.clone(),
             pid: self.pid,
             backing_pid: self.backing_pid,
+            monitoring: self.nats.monitoring,
         }
     }
 

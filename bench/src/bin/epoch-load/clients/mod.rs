@@ -209,7 +209,10 @@ async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: Cancellat
                 ws.send(frame).await
             }
             _ = heartbeat.tick(), if heartbeats => match session.heartbeat() {
-                Some(frame) => ws.send(frame).await,
+                Some(frame) => {
+                    stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    ws.send(frame).await
+                }
                 None => continue,
             },
             message = ws.next() => match message {

@@ -238,6 +238,8 @@ pub(crate) struct Target {
     pub(crate) pid: u32,
     /// The nats-server behind the gateway or the bare server.
     pub(crate) backing_pid: Option<u32>,
+    /// The monitoring endpoint of the target's nats-server.
+    pub(crate) monitoring: Option<SocketAddr>,
     pub(crate) client: async_nats::Client,
     pub(crate) turns: Turns,
     /// The processes, when this process started them (the gateway-only scenarios); none in a driver.
@@ -276,6 +278,7 @@ impl Target {
             },
             pid: remote.pid,
             backing_pid: remote.backing_pid,
+            monitoring: remote.monitoring,
             client,
             turns,
             server,

@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Reads the per-user timelines of epoch-load (`--timeline`) and says what the slow buckets coincide with.
+
+    python3 scripts/timeline.py target/bench/timeline-gateway.json [timeline-nats-ws.json ...]
+                                [--slow-ms 2] [--plot docs/timeline.png] [--window N]
+
+For each target's file and each of its measured windows: the buckets (10 ms) whose slowest message,
+bucketed by publish time, took more than --slow-ms are the slow ones. Every signal of the timeline (CPU
+run and run-queue wait of the server's tokio workers and other threads, of its nats-server and of the load
+tool; heartbeats; presence writes and KV watch updates, NATS messages, per 100 ms) is compared between the
+slow buckets and the others: its mean in each, their ratio, and how many slow buckets have the signal
+above its 90th percentile, in the bucket itself or the one after (a message published in bucket k is
+delayed by what runs in k and after). Then the Pearson correlation of each signal with the bucket's
+slowest message (log).
+
+With --plot (needs matplotlib: `pip install --target target/py matplotlib`, then PYTHONPATH=target/py), one
+column per file, window --window (default: the first): latency p99 and max per bucket on top, then CPU
+run time per 10 ms, run-queue wait, and the gateway's counters.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+# A tokio worker's thread name as /proc shows it: "tokio-rt-worker" (tokio 1.4x) or 15 bytes of the older
+# "tokio-runtime-worker". The runtime's blocking threads have the same name; they rarely run here.
+TOKIO_WORKER_NAMES = ("tokio-runtime-w", "tokio-rt-worker")
+# The load tool's sampler threads, counted apart from the load itself.
+SAMPLERS = ("tl-proc", "tl-scrape")
+# A signal is "high" in a bucket above this quantile of its values over the window.
+HIGH_QUANTILE = 0.9
+# Scraped series shown, by their names in the timeline, and their labels.
+SCRAPED = (
+    ("epoch_gateway_presence_writes_total", "presence writes"),
+    ("epoch_gateway_presence_watch_updates_total", "KV watch updates"),
+    ("epoch_gateway_nats_messages_total", "gateway NATS msgs"),
+    ("varz.in_msgs", "nats-server msgs in"),
+    ("varz.out_msgs", "nats-server msgs out"),
+)
+
+
+def thread_sum(window, n, process, field, keep):
+    """Per bucket, the sum of `field` over the threads of `process` that `keep(name)` accepts."""
+    out = [0.0] * n
+    for thread in window["threads"]:
+        if thread["process"] == process and keep(thread["name"]):
+            for i, value in enumerate(thread[field][:n]):
+                out[i] += value
+    return out
+
+
+def spread(window, n, bucket_ms, name):
+    """A series scraped every 100 ms, spread evenly over the buckets of the interval it covers."""
+    scrapes = window["scrapes"]
+    values = scrapes["series"].get(name)
+    if not values:
+        return None
+    out = [0.0] * n
+    at = scrapes["at_ms"]
+    for i in range(1, len(at)):
+        if values[i] is None:
+            continue
+        first, last = int(at[i - 1] // bucket_ms), int(at[i] // bucket_ms)
+        width = max(1, last - first)
+        for b in range(first, min(last, n)):
+            out[b] += values[i] / width
+    return out
+
+
+def signals(window, bucket_ms):
+    """Every signal of a window, per bucket: (name, values), in µs per 10 ms for CPU and counts otherwise."""
+    n = len(window["buckets"]["max_ms"])
+    worker = lambda name: name in TOKIO_WORKER_NAMES  # noqa: E731
+    other = lambda name: name not in TOKIO_WORKER_NAMES  # noqa: E731
+    tool = lambda name: name not in SAMPLERS  # noqa: E731
+    every = lambda name: True  # noqa: E731
+    out = [
+        ("server workers run µs", thread_sum(window, n, "server", "run_us", worker)),
+        ("server workers wait µs", thread_sum(window, n, "server", "wait_us", worker)),
+        ("server workers scheduled", thread_sum(window, n, "server", "scheduled", worker)),
+        ("server other threads run µs", thread_sum(window, n, "server", "run_us", other)),
+        ("server other threads wait µs", thread_sum(window, n, "server", "wait_us", other)),
+        ("nats-server run µs", thread_sum(window, n, "backing_nats", "run_us", every)),
+        ("nats-server wait µs", thread_sum(window, n, "backing_nats", "wait_us", every)),
+        ("load tool run µs", thread_sum(window, n, "load_tool", "run_us", tool)),
+        ("load tool wait µs", thread_sum(window, n, "load_tool", "wait_us", tool)),
+        ("samplers run µs", thread_sum(window, n, "load_tool", "run_us", lambda name: name in SAMPLERS)),
+        ("heartbeats sent", [float(h) for h in window["buckets"]["heartbeats"][:n]]),
+        ("messages published", [float(p) for p in window["buckets"]["published"][:n]]),
+    ]
+    for name, label in SCRAPED:
+        values = spread(window, n, bucket_ms, name)
+        if values is not None:
+            out.append((label + " (per 100 ms, spread)", values))
+    # A server with no threads of a kind (nats-ws has no backing nats-server) has a signal of zeros.
+    return [(name, values) for name, values in out if any(values)]
+
+
+def quantile(values, q):
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def pearson(xs, ys):
+    n = len(xs)
+    if n < 3:
+        return float("nan")
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def mean(values):
+    return sum(values) / len(values) if values else float("nan")
+
+
+def analyse(label, window, bucket_ms, slow_ms):
+    """Prints the slow buckets of one window and what each signal does in them."""
+    buckets = window["buckets"]
+    maxima = buckets["max_ms"]
+    # Buckets in which messages were published: the drain after the window has none.
+    measured = [i for i, m in enumerate(maxima) if m is not None]
+    slow = [i for i in measured if maxima[i] > slow_ms]
+    rest = [i for i in measured if maxima[i] <= slow_ms]
+    sampler = window["sampler"]
+    print(
+        f"\n== {label}: {window['rate_msgs_per_sec']:.0f} msg/s, round {window['round']}: "
+        f"{len(measured)} buckets with messages, {len(slow)} with a message over {slow_ms} ms "
+        f"({100.0 * len(slow) / max(1, len(measured)):.1f} %); {window['sent']} sent, {window['lost']} lost"
+    )
+    all_latency = sorted(
+        m for m in buckets["p50_ms"] if m is not None
+    )
+    if all_latency:
+        print(f"   median of the buckets' p50: {quantile(all_latency, 0.5):.3f} ms; worst bucket max: {max(m for m in maxima if m is not None):.2f} ms")
+    print(
+        f"   samplers: /proc {sampler['proc_cpu_percent']:.2f} %, scrapes {sampler['scrape_cpu_percent']:.2f} % of a core; "
+        f"{sampler['late_ticks']} of {sampler['proc_ticks']} ticks ≥ 2 ms late (worst {sampler['worst_late_ms']:.1f} ms)"
+    )
+    if not measured:
+        return
+    sigs = signals(window, bucket_ms)
+    n = len(maxima)
+    log_max = [math.log(maxima[i]) for i in measured]
+    print(
+        f"   {'signal':<40} {'mean slow':>10} {'mean rest':>10} {'ratio':>6} "
+        f"{'slow hi k':>9} {'slow hi k+1':>11} {'rest hi':>7} {'r(k)':>6} {'r(k+1)':>6}"
+    )
+    rows = []
+    for name, values in sigs:
+        high = quantile([values[i] for i in measured], HIGH_QUANTILE)
+        after = lambda i: values[i + 1] if i + 1 < n else 0.0  # noqa: E731
+        slow_mean = mean([values[i] for i in slow])
+        rest_mean = mean([values[i] for i in rest])
+        ratio = slow_mean / rest_mean if rest_mean else float("nan")
+        hi_k = sum(1 for i in slow if values[i] > high)
+        hi_k1 = sum(1 for i in slow if after(i) > high)
+        rest_hi = sum(1 for i in rest if values[i] > high)
+        r0 = pearson([values[i] for i in measured], log_max)
+        r1 = pearson([after(i) for i in measured], log_max)
+        rows.append((name, slow_mean, rest_mean, ratio, hi_k, hi_k1, rest_hi, r0, r1))
+    rows.sort(key=lambda r: -(r[3] if not math.isnan(r[3]) else 0))
+    for name, slow_mean, rest_mean, ratio, hi_k, hi_k1, rest_hi, r0, r1 in rows:
+        print(
+            f"   {name:<40} {slow_mean:>10.1f} {rest_mean:>10.1f} {ratio:>6.2f} "
+            f"{hi_k:>4}/{len(slow):<4} {hi_k1:>5}/{len(slow):<5} {100.0 * rest_hi / max(1, len(rest)):>6.1f}% "
+            f"{r0:>6.2f} {r1:>6.2f}"
+        )
+    print(
+        f"   (slow hi k / k+1: slow buckets whose signal is above its {HIGH_QUANTILE:.0%} quantile in the bucket / the next; "
+        f"rest hi: share of the other buckets above it; r: correlation with log(max) at lag 0 / +1)"
+    )
+
+
+def plot(files, index, slow_ms, output):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, len(files), figsize=(9 * len(files), 12), sharex="col", squeeze=False)
+    for col, (label, timeline) in enumerate(files):
+        windows = timeline["windows"]
+        if not windows:
+            continue
+        window = windows[min(index, len(windows) - 1)]
+        bucket_ms = timeline["bucket_ms"]
+        buckets = window["buckets"]
+        n = len(buckets["max_ms"])
+        t = [i * bucket_ms / 1000.0 for i in range(n)]
+        sig = dict(signals(window, bucket_ms))
+        top, cpu, wait, counters = (axes[r][col] for r in range(4))
+        for key, style in (("max_ms", "-"), ("p99_ms", "-"), ("p50_ms", "-")):
+            top.plot(t, [v if v is not None else float("nan") for v in buckets[key]], style, lw=0.6, label=key[:-3])
+        top.axhline(slow_ms, color="grey", ls=":", lw=0.8, label=f"{slow_ms} ms")
+        top.set_yscale("log")
+        top.set_ylabel("publish → receive (ms)")
+        top.set_title(f"{label}: {window['rate_msgs_per_sec']:.0f} msg/s, round {window['round']} (by publish time)")
+        top.legend(fontsize=7, loc="upper right")
+        for name in ("server workers run µs", "server other threads run µs", "nats-server run µs", "load tool run µs"):
+            if name in sig:
+                cpu.plot(t, [v / (bucket_ms * 10.0) for v in sig[name]], lw=0.6, label=name.replace(" µs", ""))
+        cpu.set_ylabel(f"CPU run (% of a core per {bucket_ms:.0f} ms)")
+        cpu.legend(fontsize=7, loc="upper right")
+        for name in ("server workers wait µs", "nats-server wait µs", "load tool wait µs"):
+            if name in sig:
+                wait.plot(t, [v / 1000.0 for v in sig[name]], lw=0.6, label=name.replace(" µs", ""))
+        wait.set_ylabel(f"run-queue wait (ms per {bucket_ms:.0f} ms)")
+        wait.legend(fontsize=7, loc="upper right")
+        for name, label_ in SCRAPED[:3]:
+            key = label_ + " (per 100 ms, spread)"
+            if key in sig:
+                counters.plot(t, [v * 100.0 / bucket_ms for v in sig[key]], lw=0.8, label=f"{label_} /s")
+        if "heartbeats sent" in sig:
+            counters.plot(t, [v * 1000.0 / bucket_ms for v in sig["heartbeats sent"]], lw=0.5, alpha=0.6, label="heartbeats /s")
+        counters.set_ylabel("per second")
+        counters.set_xlabel("seconds into the window")
+        counters.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    print(f"\nplot written to {output}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--slow-ms", type=float, default=2.0, help="a bucket is slow when a message took longer")
+    parser.add_argument("--plot", help="write a plot of one window per file to this PNG")
+    parser.add_argument("--window", type=int, default=0, help="the window plotted (default: the first)")
+    args = parser.parse_args()
+    files = []
+    for path in args.files:
+        timeline = json.loads(path.read_text())
+        files.append((timeline["target"], timeline))
+        for window in timeline["windows"]:
+            analyse(f"{path.name} ({timeline['target']})", window, timeline["bucket_ms"], args.slow_ms)
+    if args.plot:
+        plot(files, args.window, args.slow_ms, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
