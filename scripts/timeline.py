@@ -3,15 +3,24 @@
 
     python3 scripts/timeline.py target/bench/timeline-gateway.json [timeline-nats-ws.json ...]
                                 [--slow-ms 2] [--plot docs/timeline.png] [--window N]
+                                [--gctrace gateway=target/bench/gctrace/1234.log ...]
 
 For each target's file and each of its measured windows: the buckets (10 ms) whose slowest message,
 bucketed by publish time, took more than --slow-ms are the slow ones. Every signal of the timeline (CPU
 run and run-queue wait of the server's tokio workers and other threads, of its nats-server and of the load
-tool; heartbeats; presence writes and KV watch updates, NATS messages, per 100 ms) is compared between the
+tool; the whole machine's busy time, the others' share of it and its runnable threads; heartbeats; presence
+writes and KV watch updates, NATS messages, per 100 ms) is compared between the
 slow buckets and the others: its mean in each, their ratio, and how many slow buckets have the signal
 above its 90th percentile, in the bucket itself or the one after (a message published in bucket k is
 delayed by what runs in k and after). Then the Pearson correlation of each signal with the bucket's
 slowest message (log).
+
+Where the tail is: the messages over 1 ms and over 3 ms (the issue's p99 and p999 targets), and the share
+of them in stalls, buckets whose median message is over 3 ms (everything published then was held up).
+
+--gctrace TARGET=LOG adds the garbage collections of that target's nats-server, from the log of
+scripts/nats-gctrace.sh (the Go runtime's GODEBUG=gctrace=1, with the process's start time), as a signal
+(a collection started in the bucket or the 3 before) and as marks on the plot.
 
 With --plot (needs matplotlib: `pip install --target target/py matplotlib`, then PYTHONPATH=target/py), one
 column per file, window --window (default: the first): latency p99 and max per bucket on top, then CPU
@@ -21,6 +30,7 @@ run time per 10 ms, run-queue wait, and the gateway's counters.
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -31,6 +41,15 @@ TOKIO_WORKER_NAMES = ("tokio-runtime-w", "tokio-rt-worker")
 SAMPLERS = ("tl-proc", "tl-scrape")
 # A signal is "high" in a bucket above this quantile of its values over the window.
 HIGH_QUANTILE = 0.9
+# A bucket whose median message is slower than this (ms) is a stall: everything published then was held up.
+STALL_MS = 3.0
+# A collection counts for the bucket it started in and this many after it (it runs for ~10-20 ms).
+GC_BUCKETS_AFTER = 3
+# The /proc sampler's tick this late (µs) while the sampler itself hardly waited for a CPU: nothing of the
+# machine ran (its virtual CPUs were held up by the host).
+HELD_LATE_US = 2000
+# nats-server running this long (µs, all its threads) in a bucket of 10 ms is a burst of its own work.
+NATS_BURST_US = 8000
 # Scraped series shown, by their names in the timeline, and their labels.
 SCRAPED = (
     ("epoch_gateway_presence_writes_total", "presence writes"),
@@ -69,7 +88,23 @@ def spread(window, n, bucket_ms, name):
     return out
 
 
-def signals(window, bucket_ms):
+def gc_starts(path):
+    """Wall-clock start times (s) of the collections in a log of scripts/nats-gctrace.sh."""
+    lines = Path(path).read_text().splitlines()
+    started = float(lines[0].split()[1])
+    # gc 12 @3.456s 2%: ...
+    found = (re.match(r"gc \d+ @([\d.]+)s", line) for line in lines[1:])
+    return [started + float(m.group(1)) for m in found if m]
+
+
+def gc_buckets(window, bucket_ms, gcs):
+    """Buckets of the window in which a collection started."""
+    n = len(window["buckets"]["max_ms"])
+    start = window["start_unix_s"]
+    return sorted({int((t - start) * 1000.0 // bucket_ms) for t in gcs if 0 <= (t - start) * 1000.0 < n * bucket_ms})
+
+
+def signals(window, bucket_ms, gcs=()):
     """Every signal of a window, per bucket: (name, values), in µs per 10 ms for CPU and counts otherwise."""
     n = len(window["buckets"]["max_ms"])
     worker = lambda name: name in TOKIO_WORKER_NAMES  # noqa: E731
@@ -88,8 +123,25 @@ def signals(window, bucket_ms):
         ("load tool wait µs", thread_sum(window, n, "load_tool", "wait_us", tool)),
         ("samplers run µs", thread_sum(window, n, "load_tool", "run_us", lambda name: name in SAMPLERS)),
         ("heartbeats sent", [float(h) for h in window["buckets"]["heartbeats"][:n]]),
+        ("sampler tick late µs", [float(v or 0) for v in window["buckets"].get("sampler_late_us", [0] * n)[:n]]),
         ("messages published", [float(p) for p in window["buckets"]["published"][:n]]),
     ]
+    if gcs:
+        under_way = [0.0] * n
+        for b in gc_buckets(window, bucket_ms, gcs):
+            for k in range(b, min(n, b + GC_BUCKETS_AFTER + 1)):
+                under_way[k] = 1.0
+        out.append((f"nats-server GC started (k-{GC_BUCKETS_AFTER}…k)", under_way))
+    buckets = window["buckets"]
+    if "runnable" in buckets:
+        ours = [sum(values[i] for name, values in out if name.endswith("run µs")) for i in range(n)]
+        busy = [1000.0 * b for b in buckets["machine_busy_ms"][:n]]
+        out += [
+            ("machine runnable threads", [float(r or 0) for r in buckets["runnable"][:n]]),
+            ("machine busy µs (10 ms ticks)", busy),
+            ("others' busy µs (machine − ours)", [max(0.0, b - o) for b, o in zip(busy, ours)]),
+            ("machine steal µs (10 ms ticks)", [1000.0 * b for b in buckets["machine_steal_ms"][:n]]),
+        ]
     for name, label in SCRAPED:
         values = spread(window, n, bucket_ms, name)
         if values is not None:
@@ -120,7 +172,39 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
-def analyse(label, window, bucket_ms, slow_ms):
+def classify_stalls(window, measured, bucket_ms, gcs):
+    """Each stall (a bucket whose median is over STALL_MS) by the first thing it coincides with, in the bucket
+    or the one before: a collection of the nats-server (with --gctrace), the machine held (the sampler's
+    tick late while the sampler did not wait for a CPU), a burst of nats-server's own CPU, or none of these.
+    Returns (kind, stalls, share of the messages over 3 ms) rows."""
+    buckets = window["buckets"]
+    n = len(buckets["max_ms"])
+    stalls = [i for i in measured if buckets["p50_ms"][i] > STALL_MS]
+    late = buckets.get("sampler_late_us", [None] * n)
+    sampler_wait = thread_sum(window, n, "load_tool", "wait_us", lambda name: name == SAMPLERS[0])
+    nats_run = thread_sum(window, n, "backing_nats", "run_us", lambda name: True)
+    starts = gc_buckets(window, bucket_ms, gcs) if gcs else []
+
+    def near(i, test):
+        return any(test(k) for k in (i - 1, i, i + 1) if 0 <= k < n)
+
+    kinds = (
+        (f"a nats-server collection (started ≤ {GC_BUCKETS_AFTER} buckets before)", lambda i: any(0 <= i - b <= GC_BUCKETS_AFTER for b in starts)),
+        ("the machine held (sampler late, not queued)", lambda i: near(i, lambda k: (late[k] or 0) >= HELD_LATE_US and sampler_wait[k] < (late[k] or 0) / 2)),
+        (f"a nats-server burst (≥ {NATS_BURST_US / 1000:.0f} ms of CPU in 10 ms, no collection seen)", lambda i: near(i, lambda k: nats_run[k] >= NATS_BURST_US)),
+        ("none of these", lambda i: True),
+    )
+    total = max(1, sum(buckets["over_3ms"]))
+    counted = set()
+    rows = []
+    for kind, test in kinds:
+        mine = [i for i in stalls if i not in counted and test(i)]
+        counted.update(mine)
+        rows.append((kind, len(mine), 100.0 * sum(buckets["over_3ms"][i] for i in mine) / total))
+    return rows
+
+
+def analyse(label, window, bucket_ms, slow_ms, gcs):
     """Prints the slow buckets of one window and what each signal does in them."""
     buckets = window["buckets"]
     maxima = buckets["max_ms"]
@@ -139,14 +223,37 @@ def analyse(label, window, bucket_ms, slow_ms):
     )
     if all_latency:
         print(f"   median of the buckets' p50: {quantile(all_latency, 0.5):.3f} ms; worst bucket max: {max(m for m in maxima if m is not None):.2f} ms")
+    if "over_1ms" in buckets:
+        stalls = [i for i in measured if buckets["p50_ms"][i] > STALL_MS]
+        for key, what in (("over_1ms", "over 1 ms"), ("over_3ms", "over 3 ms")):
+            total = sum(buckets[key])
+            in_stalls = sum(buckets[key][i] for i in stalls)
+            print(
+                f"   messages {what}: {total} ({100.0 * total / max(1, window['sent']):.2f} %), "
+                f"{100.0 * in_stalls / max(1, total):.0f} % of them in the {len(stalls)} stalls (buckets with p50 > {STALL_MS} ms)"
+            )
+    if "over_3ms" in buckets:
+        print("   stalls by what they coincide with (a stall is counted once, in this order):")
+        for kind, count, share in classify_stalls(window, measured, bucket_ms, gcs):
+            print(f"     {kind:<58} {count:>3} stalls, {share:>4.0f} % of the messages over 3 ms")
     print(
         f"   samplers: /proc {sampler['proc_cpu_percent']:.2f} %, scrapes {sampler['scrape_cpu_percent']:.2f} % of a core; "
         f"{sampler['late_ticks']} of {sampler['proc_ticks']} ticks ≥ 2 ms late (worst {sampler['worst_late_ms']:.1f} ms)"
     )
     if not measured:
         return
-    sigs = signals(window, bucket_ms)
+    sigs = signals(window, bucket_ms, gcs)
     n = len(maxima)
+    by_name = dict(sigs)
+    if "machine busy µs (10 ms ticks)" in by_name:
+        # Over the whole window the 10 ms ticks of /proc/stat average out: the machine's CPU beside ours.
+        wall_us = n * bucket_ms * 1000.0
+        machine = sum(by_name["machine busy µs (10 ms ticks)"])
+        ours = sum(sum(values) for name, values in sigs if name.endswith("run µs"))
+        print(
+            f"   CPU over the window, % of a core: machine {100.0 * machine / wall_us:.0f}, this target's processes "
+            f"{100.0 * ours / wall_us:.0f}, everything else {100.0 * (machine - ours) / wall_us:.0f} (other targets, other users)"
+        )
     log_max = [math.log(maxima[i]) for i in measured]
     print(
         f"   {'signal':<40} {'mean slow':>10} {'mean rest':>10} {'ratio':>6} "
@@ -178,7 +285,7 @@ def analyse(label, window, bucket_ms, slow_ms):
     )
 
 
-def plot(files, index, slow_ms, output):
+def plot(files, index, slow_ms, output, gctraces):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,8 +301,12 @@ def plot(files, index, slow_ms, output):
         buckets = window["buckets"]
         n = len(buckets["max_ms"])
         t = [i * bucket_ms / 1000.0 for i in range(n)]
-        sig = dict(signals(window, bucket_ms))
+        gcs = gctraces.get(label, ())
+        sig = dict(signals(window, bucket_ms, gcs))
         top, cpu, wait, counters = (axes[r][col] for r in range(4))
+        for i, b in enumerate(gc_buckets(window, bucket_ms, gcs)):
+            for ax in (top, cpu, wait):
+                ax.axvline(b * bucket_ms / 1000.0, color="purple", lw=0.6, alpha=0.5, label="nats-server GC" if i == 0 and ax is top else None)
         for key, style in (("max_ms", "-"), ("p99_ms", "-"), ("p50_ms", "-")):
             top.plot(t, [v if v is not None else float("nan") for v in buckets[key]], style, lw=0.6, label=key[:-3])
         top.axhline(slow_ms, color="grey", ls=":", lw=0.8, label=f"{slow_ms} ms")
@@ -211,12 +322,14 @@ def plot(files, index, slow_ms, output):
         for name in ("server workers wait µs", "nats-server wait µs", "load tool wait µs"):
             if name in sig:
                 wait.plot(t, [v / 1000.0 for v in sig[name]], lw=0.6, label=name.replace(" µs", ""))
+        if "machine runnable threads" in sig:
+            wait.plot(t, sig["machine runnable threads"], lw=0.5, color="black", alpha=0.5, label="machine runnable threads")
         wait.set_ylabel(f"run-queue wait (ms per {bucket_ms:.0f} ms)")
         wait.legend(fontsize=7, loc="upper right")
         for name, label_ in SCRAPED[:3]:
             key = label_ + " (per 100 ms, spread)"
             if key in sig:
-                counters.plot(t, [v * 100.0 / bucket_ms for v in sig[key]], lw=0.8, label=f"{label_} /s")
+                counters.plot(t, [v * 1000.0 / bucket_ms for v in sig[key]], lw=0.8, label=f"{label_} /s")
         if "heartbeats sent" in sig:
             counters.plot(t, [v * 1000.0 / bucket_ms for v in sig["heartbeats sent"]], lw=0.5, alpha=0.6, label="heartbeats /s")
         counters.set_ylabel("per second")
@@ -234,15 +347,23 @@ def main() -> int:
     parser.add_argument("--slow-ms", type=float, default=2.0, help="a bucket is slow when a message took longer")
     parser.add_argument("--plot", help="write a plot of one window per file to this PNG")
     parser.add_argument("--window", type=int, default=0, help="the window plotted (default: the first)")
+    parser.add_argument(
+        "--gctrace", action="append", default=[], metavar="TARGET=LOG", help="a target's nats-server GC trace"
+    )
     args = parser.parse_args()
+    gctraces = {}
+    for pair in args.gctrace:
+        target, _, log = pair.partition("=")
+        gctraces[target] = gc_starts(log)
     files = []
     for path in args.files:
         timeline = json.loads(path.read_text())
-        files.append((timeline["target"], timeline))
+        target = timeline["target"]
+        files.append((target, timeline))
         for window in timeline["windows"]:
-            analyse(f"{path.name} ({timeline['target']})", window, timeline["bucket_ms"], args.slow_ms)
+            analyse(f"{path.name} ({target})", window, timeline["bucket_ms"], args.slow_ms, gctraces.get(target, ()))
     if args.plot:
-        plot(files, args.window, args.slow_ms, args.plot)
+        plot(files, args.window, args.slow_ms, args.plot, gctraces)
     return 0
 
 

@@ -8,8 +8,10 @@
 //!   arrivals per bucket by receive time.
 //! - the `/proc` sampler, a thread of its own, every 10 ms: `schedstat` of every thread of the server, of
 //!   its nats-server and of this driver (time run and time waited on a run queue, in ns, and times
-//!   scheduled), each file kept open and re-read at offset 0, one system call per thread and tick; and the
-//!   heartbeats the sockets sent.
+//!   scheduled), each file kept open and re-read at offset 0, one system call per thread and tick; the
+//!   whole machine's CPU time (`/proc/stat`, every process's, in 10 ms ticks) and threads runnable
+//!   (`/proc/loadavg`), which tell the load of others on the shared cores; and the heartbeats the sockets
+//!   sent.
 //! - the scraper, a thread of its own, every 100 ms: a gateway's `/metrics` (presence writes and watch
 //!   updates, NATS messages, frames written, fan-out latency) and the nats-server's `/varz` (messages and
 //!   bytes in and out). Each scrape costs the gateway a render of its metrics.
@@ -61,6 +63,10 @@ const GATEWAY_SERIES: [&str; 8] = [
     "epoch_gateway_fanout_latency_seconds_bucket{le=\"0.001\"}",
     "epoch_gateway_delivery_caught_up_events_total",
 ];
+/// Latencies whose messages are counted per bucket: the p99 and p999 targets (µs), so that the
+/// share of the tail in each bucket is known, not only the bucket's percentiles.
+const OVER_P99_TARGET_US: u64 = 1_000;
+const OVER_P999_TARGET_US: u64 = 3_000;
 /// nats-server's `/varz` counters recorded.
 const VARZ_COUNTERS: [&str; 4] = ["in_msgs", "out_msgs", "in_bytes", "out_bytes"];
 
@@ -145,9 +151,9 @@ enum Command<S> {
 struct Ticks<S> {
     at_us: Vec<u64>,
     values: Vec<S>,
-    /// Ticks at least [`LATE`] after their time, and the latest one.
-    late: u64,
-    worst_late: Duration,
+    /// How late each tick was (µs after its time): a tick is late when this thread waited for a CPU, or
+    /// when nothing of the machine ran (its virtual CPUs held up by the host).
+    late_us: Vec<u64>,
 }
 
 impl<S> Ticks<S> {
@@ -155,8 +161,7 @@ impl<S> Ticks<S> {
         Self {
             at_us: Vec::new(),
             values: Vec::new(),
-            late: 0,
-            worst_late: Duration::ZERO,
+            late_us: Vec::new(),
         }
     }
 }
@@ -220,10 +225,7 @@ fn sample_while_armed<S>(
         let mut due = start;
         loop {
             let late = Instant::now().saturating_duration_since(due);
-            if late >= LATE {
-                ticks.late += 1;
-            }
-            ticks.worst_late = ticks.worst_late.max(late);
+            ticks.late_us.push(late.as_micros() as u64);
             ticks.at_us.push(now_us());
             ticks.values.push(sample());
             due += period;
@@ -265,18 +267,23 @@ struct ThreadId {
     name: String,
 }
 
+/// `/proc/stat`'s CPU times are in ticks of `USER_HZ`, 100 per second on Linux.
+const MS_PER_TICK: u64 = 10;
+
 /// A thread's `schedstat` at a tick: ns on a CPU, ns waiting on a run queue, times scheduled in.
 struct Reading {
     thread: Arc<ThreadId>,
     values: [u64; 3],
 }
 
-/// The threads of the processes sampled, each `schedstat` file kept open.
+/// The threads of the processes sampled, each `schedstat` file kept open, and the machine's files.
 struct Threads {
     processes: Vec<(Process, u32)>,
     open: Vec<(Arc<ThreadId>, File)>,
     seen: HashSet<(u32, u32)>,
     ticks: usize,
+    stat: Option<File>,
+    loadavg: Option<File>,
 }
 
 impl Threads {
@@ -286,6 +293,8 @@ impl Threads {
             open: Vec::new(),
             seen: HashSet::new(),
             ticks: 0,
+            stat: File::open("/proc/stat").ok(),
+            loadavg: File::open("/proc/loadavg").ok(),
         }
     }
 
@@ -314,6 +323,21 @@ impl Threads {
                 }
             }
         }
+    }
+
+    /// The machine's CPU time so far, in ticks: every CPU's busy time (all but idle and iowait) and the
+    /// time the hypervisor gave to others (steal).
+    fn machine_cpu(&self) -> Option<MachineCpu> {
+        let mut buffer = [0u8; 256];
+        let n = self.stat.as_ref()?.read_at(&mut buffer, 0).ok()?;
+        MachineCpu::parse(std::str::from_utf8(&buffer[..n]).ok()?)
+    }
+
+    /// Threads runnable on the machine now (`/proc/loadavg`'s `running/total`), this one included.
+    fn runnable(&self) -> Option<u32> {
+        let mut buffer = [0u8; 128];
+        let n = self.loadavg.as_ref()?.read_at(&mut buffer, 0).ok()?;
+        runnable_in(std::str::from_utf8(&buffer[..n]).ok()?)
     }
 
     fn sample(&mut self) -> Vec<Reading> {
@@ -345,9 +369,44 @@ impl Threads {
     }
 }
 
-/// One tick of the `/proc` sampler: every thread's reading and the heartbeats sent so far.
+/// The machine's CPU time so far (all CPUs, every process), in ticks of [`MS_PER_TICK`].
+#[derive(Clone, Copy)]
+struct MachineCpu {
+    busy: u64,
+    steal: u64,
+}
+
+impl MachineCpu {
+    /// From `/proc/stat`, whose first line is `cpu  user nice system idle iowait irq softirq steal …`.
+    fn parse(stat: &str) -> Option<Self> {
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_ascii_whitespace()
+            .skip(1)
+            .map_while(|t| t.parse().ok())
+            .collect();
+        let (idle, iowait, steal) = (*ticks.get(3)?, *ticks.get(4)?, *ticks.get(7)?);
+        let all: u64 = ticks.iter().take(8).sum();
+        Some(Self {
+            busy: all - idle - iowait - steal,
+            steal,
+        })
+    }
+}
+
+/// The threads running now, from `/proc/loadavg` (`0.5 0.4 0.3 running/total last_pid`).
+fn runnable_in(loadavg: &str) -> Option<u32> {
+    let (running, _) = loadavg.split_ascii_whitespace().nth(3)?.split_once('/')?;
+    running.parse().ok()
+}
+
+/// One tick of the `/proc` sampler: every thread's reading, the machine's, and the heartbeats sent so
+/// far.
 struct ProcTick {
     threads: Vec<Reading>,
+    machine: Option<MachineCpu>,
+    runnable: Option<u32>,
     heartbeats: u64,
 }
 
@@ -424,6 +483,7 @@ pub(crate) struct Timeline {
 /// A window's recordings, taken when it ends and turned into a [`WindowTimeline`] after its turn.
 pub(crate) struct Recorded {
     start_us: u64,
+    start_unix_s: f64,
     first_seq: u64,
     sent: u64,
     arrived: Vec<(u64, u64)>,
@@ -446,6 +506,8 @@ impl Timeline {
         let counters = Arc::clone(stats);
         let procs = Periodic::spawn(PROC_THREAD, BUCKET, move || ProcTick {
             threads: threads.sample(),
+            machine: threads.machine_cpu(),
+            runnable: threads.runnable(),
             heartbeats: counters.heartbeats.load(Ordering::Relaxed),
         })?;
         let kind = target.endpoint.kind;
@@ -478,6 +540,9 @@ impl Timeline {
         log.arm(first_seq, sent)?;
         let start = Instant::now();
         let start_us = now_us();
+        let start_unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(f64::NAN, |since| since.as_secs_f64());
         self.procs.arm(start)?;
         self.scrapes.arm(start)?;
         let value = work.await;
@@ -488,6 +553,7 @@ impl Timeline {
             value?,
             Recorded {
                 start_us,
+                start_unix_s,
                 first_seq,
                 sent,
                 arrived,
@@ -572,8 +638,10 @@ struct TimelineFile<'a> {
 struct WindowTimeline {
     rate_msgs_per_sec: f64,
     round: u32,
-    /// The window's start on the tool's clock (µs).
+    /// The window's start on the tool's clock (µs), and on the wall clock (seconds since the Unix epoch:
+    /// to line the timeline up with other logs, a Go runtime's `gctrace` say).
     start_us: u64,
+    start_unix_s: f64,
     first_seq: u64,
     sent: u64,
     lost: u64,
@@ -596,8 +664,22 @@ struct Buckets {
     p50_ms: Vec<Option<f64>>,
     p99_ms: Vec<Option<f64>>,
     max_ms: Vec<Option<f64>>,
+    /// Of the messages published in the bucket, those slower than 1 ms and than 3 ms (the p99 and
+    /// p999 targets): where the tail is.
+    over_1ms: Vec<u32>,
+    over_3ms: Vec<u32>,
     /// Heartbeats the sockets sent in the bucket.
     heartbeats: Vec<u64>,
+    /// Threads runnable on the whole machine at the bucket's start (the sampler itself included; null:
+    /// not read): above the 2 cores, someone waits.
+    runnable: Vec<Option<u32>>,
+    /// How late the `/proc` sampler's tick at the bucket's start was (µs; null: no tick): late with little
+    /// run-queue wait of its own, nothing of the machine was running.
+    sampler_late_us: Vec<Option<u64>>,
+    /// CPU time of the whole machine in the bucket, every process's (ms, from `/proc/stat`: counted in
+    /// 10 ms ticks, so coarse per bucket), and the time the hypervisor gave to other machines (steal).
+    machine_busy_ms: Vec<u64>,
+    machine_steal_ms: Vec<u64>,
 }
 
 /// One thread's time per bucket, from `/proc/<pid>/task/<tid>/schedstat`.
@@ -671,10 +753,27 @@ fn per_bucket(
     out
 }
 
+/// Per bucket, a value read at the tick that falls in it (the last one, if two do; `None`: no tick).
+fn at_ticks<T>(
+    at_us: &[u64],
+    start_us: u64,
+    buckets: usize,
+    value: impl Fn(usize) -> Option<T>,
+) -> Vec<Option<T>> {
+    let mut out: Vec<Option<T>> = (0..buckets).map(|_| None).collect();
+    for (i, &at) in at_us.iter().enumerate() {
+        if let Some(slot) = out.get_mut(bucket_of(at, start_us)) {
+            *slot = value(i);
+        }
+    }
+    out
+}
+
 impl WindowTimeline {
     fn of(recorded: Recorded, rate: f64, round: u32) -> Self {
         let Recorded {
             start_us,
+            start_unix_s,
             first_seq,
             sent,
             arrived,
@@ -701,11 +800,27 @@ impl WindowTimeline {
                 *count += 1;
             }
         }
+        let machine = |field: fn(MachineCpu) -> u64| {
+            per_bucket(&procs.at_us, start_us, buckets, |i| {
+                procs.values[i].machine.map(field)
+            })
+            .into_iter()
+            .map(|ticks| ticks * MS_PER_TICK)
+            .collect()
+        };
+        let runnable = at_ticks(&procs.at_us, start_us, buckets, |i| {
+            procs.values[i].runnable
+        });
+        let sampler_late_us = at_ticks(&procs.at_us, start_us, buckets, |i| Some(procs.late_us[i]));
         let mut columns = Buckets {
             received,
             heartbeats: per_bucket(&procs.at_us, start_us, buckets, |i| {
                 Some(procs.values[i].heartbeats)
             }),
+            runnable,
+            sampler_late_us,
+            machine_busy_ms: machine(|cpu| cpu.busy),
+            machine_steal_ms: machine(|cpu| cpu.steal),
             ..Buckets::default()
         };
         for mut bucket in latencies {
@@ -714,6 +829,9 @@ impl WindowTimeline {
             columns.p50_ms.push(quantile(&bucket, 0.5));
             columns.p99_ms.push(quantile(&bucket, 0.99));
             columns.max_ms.push(quantile(&bucket, 1.0));
+            let over = |us: u64| bucket.iter().filter(|&&l| l > us).count() as u32;
+            columns.over_1ms.push(over(OVER_P99_TARGET_US));
+            columns.over_3ms.push(over(OVER_P999_TARGET_US));
         }
         let threads = thread_series(&procs, start_us, buckets);
         let wall_ns = end_us.saturating_sub(start_us).max(1) as f64 * 1000.0;
@@ -725,10 +843,11 @@ impl WindowTimeline {
                 .sum();
             100.0 * run_us as f64 * 1000.0 / wall_ns
         };
+        let late = LATE.as_micros() as u64;
         let sampler = SamplerFigures {
             proc_ticks: procs.at_us.len(),
-            late_ticks: procs.late,
-            worst_late_ms: procs.worst_late.as_secs_f64() * 1000.0,
+            late_ticks: procs.late_us.iter().filter(|&&us| us >= late).count() as u64,
+            worst_late_ms: procs.late_us.iter().copied().max().unwrap_or(0) as f64 / 1000.0,
             proc_cpu_percent: cpu_of(PROC_THREAD),
             scrape_cpu_percent: cpu_of(SCRAPE_THREAD),
         };
@@ -736,6 +855,7 @@ impl WindowTimeline {
             rate_msgs_per_sec: rate,
             round,
             start_us,
+            start_unix_s,
             first_seq,
             sent,
             lost,
@@ -849,6 +969,26 @@ mod tests {
         // A reading missing at a tick: the increase is counted at the next one.
         let gap = [Some(0), None, Some(4), Some(4)];
         assert_eq!(per_bucket(&at, 0, 4, |i| gap[i]), [0, 4, 0, 0]);
+    }
+
+    #[test]
+    fn the_machine_is_read_from_proc_stat_and_loadavg() {
+        let stat = "cpu  100 5 20 900 7 1 2 3 0 0\ncpu0 50 2 10 450 3 0 1 1 0 0\n";
+        let cpu = MachineCpu::parse(stat).unwrap();
+        assert_eq!((cpu.busy, cpu.steal), (128, 3));
+        assert!(MachineCpu::parse("cpu  1 2 3\n").is_none());
+        assert_eq!(runnable_in("2.91 2.81 3.29 3/250 12345\n"), Some(3));
+        assert_eq!(runnable_in("2.91 2.81"), None);
+    }
+
+    #[test]
+    fn a_reading_at_a_tick_goes_to_the_tick_s_bucket() {
+        let bucket = BUCKET.as_micros() as u64;
+        let at = [0, bucket + 10, 3 * bucket + 20];
+        assert_eq!(
+            at_ticks(&at, 0, 4, |i| Some(i * 10)),
+            [Some(0), Some(10), None, Some(20)]
+        );
     }
 
     #[test]
