@@ -20,7 +20,8 @@ of them in stalls, buckets whose median message is over 3 ms (everything publish
 
 --gctrace TARGET=LOG adds the garbage collections of that target's nats-server, from the log of
 scripts/nats-gctrace.sh (the Go runtime's GODEBUG=gctrace=1, with the process's start time), as a signal
-(a collection started in the bucket or the 3 before) and as marks on the plot.
+(a collection started in the bucket or the 3 before) and as marks on the plot; the other targets'
+collections are a signal of their own (an idle target's nats-server still collects).
 
 With --plot (needs matplotlib: `pip install --target target/py matplotlib`, then PYTHONPATH=target/py), one
 column per file, window --window (default: the first): latency p99 and max per bucket on top, then CPU
@@ -50,6 +51,9 @@ GC_BUCKETS_AFTER = 3
 HELD_LATE_US = 2000
 # nats-server running this long (µs, all its threads) in a bucket of 10 ms is a burst of its own work.
 NATS_BURST_US = 8000
+# The other targets' processes (idle between their turns) running this long (µs) in a bucket took a core's
+# worth of time from this one.
+NEIGHBOURS_BUSY_US = 5000
 # Scraped series shown, by their names in the timeline, and their labels.
 SCRAPED = (
     ("epoch_gateway_presence_writes_total", "presence writes"),
@@ -104,7 +108,7 @@ def gc_buckets(window, bucket_ms, gcs):
     return sorted({int((t - start) * 1000.0 // bucket_ms) for t in gcs if 0 <= (t - start) * 1000.0 < n * bucket_ms})
 
 
-def signals(window, bucket_ms, gcs=()):
+def signals(window, bucket_ms, gcs=(), other_gcs=()):
     """Every signal of a window, per bucket: (name, values), in µs per 10 ms for CPU and counts otherwise."""
     n = len(window["buckets"]["max_ms"])
     worker = lambda name: name in TOKIO_WORKER_NAMES  # noqa: E731
@@ -122,19 +126,25 @@ def signals(window, bucket_ms, gcs=()):
         ("load tool run µs", thread_sum(window, n, "load_tool", "run_us", tool)),
         ("load tool wait µs", thread_sum(window, n, "load_tool", "wait_us", tool)),
         ("samplers run µs", thread_sum(window, n, "load_tool", "run_us", lambda name: name in SAMPLERS)),
+        ("other targets run µs", thread_sum(window, n, "other_targets", "run_us", every)),
         ("heartbeats sent", [float(h) for h in window["buckets"]["heartbeats"][:n]]),
         ("sampler tick late µs", [float(v or 0) for v in window["buckets"].get("sampler_late_us", [0] * n)[:n]]),
         ("messages published", [float(p) for p in window["buckets"]["published"][:n]]),
     ]
-    if gcs:
+    for label, starts in (("nats-server GC", gcs), ("another target's nats-server GC", other_gcs)):
+        if not starts:
+            continue
         under_way = [0.0] * n
-        for b in gc_buckets(window, bucket_ms, gcs):
+        for b in gc_buckets(window, bucket_ms, starts):
             for k in range(b, min(n, b + GC_BUCKETS_AFTER + 1)):
                 under_way[k] = 1.0
-        out.append((f"nats-server GC started (k-{GC_BUCKETS_AFTER}…k)", under_way))
+        out.append((f"{label} started (k-{GC_BUCKETS_AFTER}…k)", under_way))
     buckets = window["buckets"]
     if "runnable" in buckets:
-        ours = [sum(values[i] for name, values in out if name.endswith("run µs")) for i in range(n)]
+        ours = [
+        sum(values[i] for name, values in out if name.endswith("run µs") and not name.startswith("other"))
+        for i in range(n)
+    ]
         busy = [1000.0 * b for b in buckets["machine_busy_ms"][:n]]
         out += [
             ("machine runnable threads", [float(r or 0) for r in buckets["runnable"][:n]]),
@@ -172,26 +182,31 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
-def classify_stalls(window, measured, bucket_ms, gcs):
+def classify_stalls(window, measured, bucket_ms, gcs, other_gcs):
     """Each stall (a bucket whose median is over STALL_MS) by the first thing it coincides with, in the bucket
-    or the one before: a collection of the nats-server (with --gctrace), the machine held (the sampler's
-    tick late while the sampler did not wait for a CPU), a burst of nats-server's own CPU, or none of these.
-    Returns (kind, stalls, share of the messages over 3 ms) rows."""
+    or the ones next to it: a collection of the target's nats-server or of another target's (with
+    --gctrace), the machine held (the sampler's tick late while the sampler did not wait for a CPU), a burst
+    of nats-server's own CPU, the other targets' processes busy, or none of these. Returns (kind, stalls,
+    share of the messages over 3 ms) rows."""
     buckets = window["buckets"]
     n = len(buckets["max_ms"])
     stalls = [i for i in measured if buckets["p50_ms"][i] > STALL_MS]
     late = buckets.get("sampler_late_us", [None] * n)
     sampler_wait = thread_sum(window, n, "load_tool", "wait_us", lambda name: name == SAMPLERS[0])
     nats_run = thread_sum(window, n, "backing_nats", "run_us", lambda name: True)
-    starts = gc_buckets(window, bucket_ms, gcs) if gcs else []
+    starts = gc_buckets(window, bucket_ms, gcs)
+    other_starts = gc_buckets(window, bucket_ms, other_gcs)
+    neighbours = thread_sum(window, n, "other_targets", "run_us", lambda name: True)
 
     def near(i, test):
         return any(test(k) for k in (i - 1, i, i + 1) if 0 <= k < n)
 
     kinds = (
-        (f"a nats-server collection (started ≤ {GC_BUCKETS_AFTER} buckets before)", lambda i: any(0 <= i - b <= GC_BUCKETS_AFTER for b in starts)),
+        (f"its nats-server's collection (started ≤ {GC_BUCKETS_AFTER} buckets before)", lambda i: any(0 <= i - b <= GC_BUCKETS_AFTER for b in starts)),
+        ("another target's nats-server's collection", lambda i: any(0 <= i - b <= GC_BUCKETS_AFTER for b in other_starts)),
         ("the machine held (sampler late, not queued)", lambda i: near(i, lambda k: (late[k] or 0) >= HELD_LATE_US and sampler_wait[k] < (late[k] or 0) / 2)),
-        (f"a nats-server burst (≥ {NATS_BURST_US / 1000:.0f} ms of CPU in 10 ms, no collection seen)", lambda i: near(i, lambda k: nats_run[k] >= NATS_BURST_US)),
+        (f"a burst of its nats-server (≥ {NATS_BURST_US / 1000:.0f} ms of CPU in 10 ms)", lambda i: near(i, lambda k: nats_run[k] >= NATS_BURST_US)),
+        (f"the other targets busy (≥ {NEIGHBOURS_BUSY_US / 1000:.0f} ms of CPU in 10 ms)", lambda i: near(i, lambda k: neighbours[k] >= NEIGHBOURS_BUSY_US)),
         ("none of these", lambda i: True),
     )
     total = max(1, sum(buckets["over_3ms"]))
@@ -204,7 +219,7 @@ def classify_stalls(window, measured, bucket_ms, gcs):
     return rows
 
 
-def analyse(label, window, bucket_ms, slow_ms, gcs):
+def analyse(label, window, bucket_ms, slow_ms, gcs, other_gcs):
     """Prints the slow buckets of one window and what each signal does in them."""
     buckets = window["buckets"]
     maxima = buckets["max_ms"]
@@ -234,7 +249,7 @@ def analyse(label, window, bucket_ms, slow_ms, gcs):
             )
     if "over_3ms" in buckets:
         print("   stalls by what they coincide with (a stall is counted once, in this order):")
-        for kind, count, share in classify_stalls(window, measured, bucket_ms, gcs):
+        for kind, count, share in classify_stalls(window, measured, bucket_ms, gcs, other_gcs):
             print(f"     {kind:<58} {count:>3} stalls, {share:>4.0f} % of the messages over 3 ms")
     print(
         f"   samplers: /proc {sampler['proc_cpu_percent']:.2f} %, scrapes {sampler['scrape_cpu_percent']:.2f} % of a core; "
@@ -242,7 +257,7 @@ def analyse(label, window, bucket_ms, slow_ms, gcs):
     )
     if not measured:
         return
-    sigs = signals(window, bucket_ms, gcs)
+    sigs = signals(window, bucket_ms, gcs, other_gcs)
     n = len(maxima)
     by_name = dict(sigs)
     if "machine busy µs (10 ms ticks)" in by_name:
@@ -250,9 +265,11 @@ def analyse(label, window, bucket_ms, slow_ms, gcs):
         wall_us = n * bucket_ms * 1000.0
         machine = sum(by_name["machine busy µs (10 ms ticks)"])
         ours = sum(sum(values) for name, values in sigs if name.endswith("run µs"))
+        neighbours = sum(by_name.get("other targets run µs", []))
         print(
-            f"   CPU over the window, % of a core: machine {100.0 * machine / wall_us:.0f}, this target's processes "
-            f"{100.0 * ours / wall_us:.0f}, everything else {100.0 * (machine - ours) / wall_us:.0f} (other targets, other users)"
+            f"   CPU over the window, % of a core: machine {100.0 * machine / wall_us:.0f}, the targets' processes "
+            f"{100.0 * ours / wall_us:.0f} (the other targets' {100.0 * neighbours / wall_us:.0f}), "
+            f"everything else {100.0 * (machine - ours) / wall_us:.0f} (other users, the kernel)"
         )
     log_max = [math.log(maxima[i]) for i in measured]
     print(
@@ -285,6 +302,11 @@ def analyse(label, window, bucket_ms, slow_ms, gcs):
     )
 
 
+def others_of(gctraces, target):
+    """The collections of every traced nats-server but the target's own."""
+    return [t for other, starts in gctraces.items() if other != target for t in starts]
+
+
 def plot(files, index, slow_ms, output, gctraces):
     import matplotlib
 
@@ -302,7 +324,7 @@ def plot(files, index, slow_ms, output, gctraces):
         n = len(buckets["max_ms"])
         t = [i * bucket_ms / 1000.0 for i in range(n)]
         gcs = gctraces.get(label, ())
-        sig = dict(signals(window, bucket_ms, gcs))
+        sig = dict(signals(window, bucket_ms, gcs, others_of(gctraces, label)))
         top, cpu, wait, counters = (axes[r][col] for r in range(4))
         for i, b in enumerate(gc_buckets(window, bucket_ms, gcs)):
             for ax in (top, cpu, wait):
@@ -361,7 +383,14 @@ def main() -> int:
         target = timeline["target"]
         files.append((target, timeline))
         for window in timeline["windows"]:
-            analyse(f"{path.name} ({target})", window, timeline["bucket_ms"], args.slow_ms, gctraces.get(target, ()))
+            analyse(
+                f"{path.name} ({target})",
+                window,
+                timeline["bucket_ms"],
+                args.slow_ms,
+                gctraces.get(target, ()),
+                others_of(gctraces, target),
+            )
     if args.plot:
         plot(files, args.window, args.slow_ms, args.plot, gctraces)
     return 0

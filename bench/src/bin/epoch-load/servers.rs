@@ -117,6 +117,7 @@ impl Server {
             pid: self.pid,
             backing_pid: self.backing_pid,
             monitoring: self.nats.monitoring,
+            neighbours: Vec::new(),
         }
     }
 

@@ -7,7 +7,7 @@
 //!   window: latency percentiles per bucket **by publish time** (the messages published in those 10 ms),
 //!   arrivals per bucket by receive time.
 //! - the `/proc` sampler, a thread of its own, every 10 ms: `schedstat` of every thread of the server, of
-//!   its nats-server and of this driver (time run and time waited on a run queue, in ns, and times
+//!   its nats-server, of this driver and of the other targets' servers (time run and time waited on a run queue, in ns, and times
 //!   scheduled), each file kept open and re-read at offset 0, one system call per thread and tick; the
 //!   whole machine's CPU time (`/proc/stat`, every process's, in 10 ms ticks) and threads runnable
 //!   (`/proc/loadavg`), which tell the load of others on the shared cores; and the heartbeats the sockets
@@ -257,6 +257,8 @@ enum Process {
     BackingNats,
     /// This driver: the target's sockets, its publisher and the samplers.
     LoadTool,
+    /// The other targets' servers and nats-servers, between their own turns.
+    OtherTargets,
 }
 
 /// A thread, as its series are labelled.
@@ -502,6 +504,12 @@ impl Timeline {
         let mut processes = vec![(Process::Server, target.pid)];
         processes.extend(target.backing_pid.map(|pid| (Process::BackingNats, pid)));
         processes.push((Process::LoadTool, std::process::id()));
+        processes.extend(
+            target
+                .neighbours
+                .iter()
+                .map(|&pid| (Process::OtherTargets, pid)),
+        );
         let mut threads = Threads::new(processes);
         let counters = Arc::clone(stats);
         let procs = Periodic::spawn(PROC_THREAD, BUCKET, move || ProcTick {
@@ -867,7 +875,8 @@ impl WindowTimeline {
     }
 }
 
-/// Every thread's series, those that never ran left out, in the order server, nats-server, load tool.
+/// Every thread's series, those that never ran left out, in the order server, nats-server, load tool,
+/// other targets.
 fn thread_series(procs: &Ticks<ProcTick>, start_us: u64, buckets: usize) -> Vec<ThreadSeries> {
     let mut ids: Vec<&Arc<ThreadId>> = procs
         .values

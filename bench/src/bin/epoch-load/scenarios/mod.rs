@@ -240,6 +240,8 @@ pub(crate) struct Target {
     pub(crate) backing_pid: Option<u32>,
     /// The monitoring endpoint of the target's nats-server.
     pub(crate) monitoring: Option<SocketAddr>,
+    /// The other targets' processes ([`Remote::neighbours`]).
+    pub(crate) neighbours: Vec<u32>,
     pub(crate) client: async_nats::Client,
     pub(crate) turns: Turns,
     /// The processes, when this process started them (the gateway-only scenarios); none in a driver.
@@ -279,6 +281,7 @@ impl Target {
             pid: remote.pid,
             backing_pid: remote.backing_pid,
             monitoring: remote.monitoring,
+            neighbours: remote.neighbours.clone(),
             client,
             turns,
             server,
