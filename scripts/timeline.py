@@ -54,6 +54,8 @@ NATS_BURST_US = 8000
 # The other targets' processes (idle between their turns) running this long (µs) in a bucket took a core's
 # worth of time from this one.
 NEIGHBOURS_BUSY_US = 5000
+# Resolution of the plot: enough to tell 10 ms buckets apart over a 10 s window, small enough for the docs.
+PLOT_DPI = 60
 # Scraped series shown, by their names in the timeline, and their labels.
 SCRAPED = (
     ("epoch_gateway_presence_writes_total", "presence writes"),
@@ -313,7 +315,7 @@ def plot(files, index, slow_ms, output, gctraces):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(4, len(files), figsize=(9 * len(files), 12), sharex="col", squeeze=False)
+    fig, axes = plt.subplots(4, len(files), figsize=(8 * len(files), 11), sharex="col", squeeze=False)
     for col, (label, timeline) in enumerate(files):
         windows = timeline["windows"]
         if not windows:
@@ -341,14 +343,14 @@ def plot(files, index, slow_ms, output, gctraces):
                 cpu.plot(t, [v / (bucket_ms * 10.0) for v in sig[name]], lw=0.6, label=name.replace(" µs", ""))
         cpu.set_ylabel(f"CPU run (% of a core per {bucket_ms:.0f} ms)")
         cpu.legend(fontsize=7, loc="upper right")
-        for name in ("server workers wait µs", "nats-server wait µs", "load tool wait µs"):
+        for name in ("server workers wait µs", "server other threads wait µs", "nats-server wait µs", "load tool wait µs"):
             if name in sig:
                 wait.plot(t, [v / 1000.0 for v in sig[name]], lw=0.6, label=name.replace(" µs", ""))
         if "machine runnable threads" in sig:
             wait.plot(t, sig["machine runnable threads"], lw=0.5, color="black", alpha=0.5, label="machine runnable threads")
         wait.set_ylabel(f"run-queue wait (ms per {bucket_ms:.0f} ms)")
         wait.legend(fontsize=7, loc="upper right")
-        for name, label_ in SCRAPED[:3]:
+        for name, label_ in SCRAPED:
             key = label_ + " (per 100 ms, spread)"
             if key in sig:
                 counters.plot(t, [v * 1000.0 / bucket_ms for v in sig[key]], lw=0.8, label=f"{label_} /s")
@@ -359,7 +361,7 @@ def plot(files, index, slow_ms, output, gctraces):
         counters.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
+    fig.savefig(output, dpi=PLOT_DPI)
     print(f"\nplot written to {output}")
 
 
