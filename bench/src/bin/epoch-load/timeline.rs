@@ -7,11 +7,11 @@
 //!   window: latency percentiles per bucket **by publish time** (the messages published in those 10 ms),
 //!   arrivals per bucket by receive time.
 //! - the `/proc` sampler, a thread of its own, every 10 ms: `schedstat` of every thread of the server, of
-//!   its nats-server, of this driver and of the other targets' servers (time run and time waited on a run queue, in ns, and times
-//!   scheduled), each file kept open and re-read at offset 0, one system call per thread and tick; the
-//!   whole machine's CPU time (`/proc/stat`, every process's, in 10 ms ticks) and threads runnable
-//!   (`/proc/loadavg`), which tell the load of others on the shared cores; and the heartbeats the sockets
-//!   sent.
+//!   its nats-server, of this driver and of the other targets' servers (time run and time waited on a run
+//!   queue, in ns, and times scheduled), each file kept open and re-read at offset 0, one system call per
+//!   thread and tick; the whole machine's CPU time (`/proc/stat`, every process's, in 10 ms ticks) and
+//!   threads runnable (`/proc/loadavg`), which tell the load of others on the shared cores; how late its
+//!   own tick was; and the heartbeats the sockets sent.
 //! - the scraper, a thread of its own, every 100 ms: a gateway's `/metrics` (presence writes and watch
 //!   updates, NATS messages, frames written, fan-out latency) and the nats-server's `/varz` (messages and
 //!   bytes in and out). Each scrape costs the gateway a render of its metrics.
