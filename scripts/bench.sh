@@ -52,7 +52,11 @@ if [ "$smoke" = 1 ]; then
   run smoke-idle idle "${small[@]}" --repeats 2
   run smoke-broadcast broadcast "${small[@]}" --start-rate 20 --step-factor 4 --step-secs 1 --max-steps 3
   run smoke-broadcast-latency broadcast-latency "${small[@]}" --secs 2
-  run smoke-per-user per-user "${small[@]}" --rates 500 --secs 2
+  # per-user also on a second gateway (an A/B pair: presence refreshes out of the window on B), with the
+  # 10 ms timeline of every target, read back by its analysis (text only: no matplotlib needed).
+  run smoke-per-user per-user "${small[@]}" --rates 500 --secs 2 --targets all,gateway-b \
+    --gateway-b-setting presence.ttl_secs=600 --timeline "$out/smoke-timeline.json"
+  python3 scripts/timeline.py "$out"/smoke-timeline-{gateway,gateway-b,nats-ws,bare}.json >/dev/null
   run smoke-reconnect reconnect "${small[@]}" --repeats 2
   run smoke-is-online is-online "${small[@]}" --rates 500 --per-user-rate 200 --secs 2 --repeats 1
   run smoke-soak soak --targets gateway "${small[@]}" --per-user-rate 200 --secs 4 --sample-secs 2

@@ -367,6 +367,8 @@ pub struct Metrics {
     presence_local_users: Gauge,
     presence_online_users: Gauge,
     presence_write_errors: Counter,
+    presence_writes: Counter,
+    presence_watch_updates: Counter,
     presence_feed_watchers: Gauge,
     presence_feed_diffs: Counter,
     presence_feed_refusals: Family<FeedRefusalLabels, Counter>,
@@ -436,6 +438,8 @@ impl Metrics {
             presence_local_users: Gauge::default(),
             presence_online_users: Gauge::default(),
             presence_write_errors: Counter::default(),
+            presence_writes: Counter::default(),
+            presence_watch_updates: Counter::default(),
             presence_feed_watchers: Gauge::default(),
             presence_feed_diffs: Counter::default(),
             presence_feed_refusals: family_of(FeedRefusal::ALL, |reason| FeedRefusalLabels {
@@ -579,6 +583,16 @@ impl Metrics {
             "presence_write_errors",
             "Presence records that could not be written",
             self.presence_write_errors.clone(),
+        );
+        r.register(
+            "presence_writes",
+            "Presence records sent to the bucket (refreshes, joins and leaves), acknowledged or not",
+            self.presence_writes.clone(),
+        );
+        r.register(
+            "presence_watch_updates",
+            "Presence bucket updates received by the watch (this instance's own records included)",
+            self.presence_watch_updates.clone(),
         );
         r.register(
             "presence_feed_watchers",
@@ -762,6 +776,16 @@ impl Metrics {
         self.presence_write_errors.inc();
     }
 
+    /// `records` presence records were sent to the bucket.
+    pub fn presence_written(&self, records: usize) {
+        self.presence_writes.inc_by(records as u64);
+    }
+
+    /// The presence watch received an update of the bucket.
+    pub fn presence_watch_update(&self) {
+        self.presence_watch_updates.inc();
+    }
+
     /// Sockets watching the presence feed now.
     pub fn presence_feed_watchers(&self, watchers: usize) {
         self.presence_feed_watchers
@@ -830,6 +854,8 @@ mod tests {
                 "epoch_gateway_closes_total{code=\"4403\"} 0",
                 "epoch_gateway_nats_events_total{event=\"other\"} 0",
                 "epoch_gateway_fanout_latency_seconds_bucket{le=\"+Inf\"} 0",
+                "epoch_gateway_presence_writes_total 0",
+                "epoch_gateway_presence_watch_updates_total 0",
                 "# TYPE epoch_gateway_trace_spans_dropped counter",
                 "epoch_gateway_trace_spans_dropped_total{reason=\"queue_full\"} 0",
                 "epoch_gateway_trace_spans_dropped_total{reason=\"export_failed\"} 0",

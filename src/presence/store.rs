@@ -252,6 +252,7 @@ impl Writer {
                 .await;
             pending.push((user, online, ack));
         }
+        self.metrics.presence_written(pending.len());
         let mut all_written = true;
         let acks = pending.into_iter().map(|(user, online, ack)| async move {
             let result = match ack {
@@ -364,6 +365,7 @@ fn slice_of(user: UserId, count: usize) -> usize {
 pub async fn watch_records(
     presence: Arc<Presence>,
     store: kv::Store,
+    metrics: Arc<Metrics>,
     mut reconnects: watch::Receiver<u64>,
     stop: CancellationToken,
 ) {
@@ -408,6 +410,7 @@ pub async fn watch_records(
                 }
                 entry = records.next() => match entry {
                     Some(Ok(entry)) => {
+                        metrics.presence_watch_update();
                         let Some((user, node)) = parse_record_key(&entry.key) else {
                             tracing::debug!(key = %entry.key, "ignoring foreign presence key");
                             continue;

@@ -79,6 +79,7 @@ pub async fn run(
     let watcher = tokio::spawn(store::watch_records(
         Arc::clone(&presence),
         bucket,
+        Arc::clone(&metrics),
         nats.reconnects(),
         stop.clone(),
     ));

@@ -83,6 +83,9 @@ pub(crate) enum Targets {
     Nats,
     /// `bare_server`: the lower bound, delivery and nothing else.
     Bare,
+    /// A second gateway with settings (`--gateway-b-setting`) or a build (`--gateway-b-bin`) of its own,
+    /// its windows alternated with the first's: an A/B test of one change.
+    GatewayB,
 }
 
 impl Targets {
@@ -93,6 +96,7 @@ impl Targets {
             Self::Gateway => &[Kind::Gateway],
             Self::Nats => &[Kind::Nats],
             Self::Bare => &[Kind::Bare],
+            Self::GatewayB => &[Kind::GatewayB],
         }
     }
 }
@@ -179,6 +183,17 @@ pub(crate) struct Args {
     /// The bare server (by default the build next to this program: `cargo build --release -p epoch-bench`).
     #[arg(long, default_value_os_t = epoch_testkit::gateway_bin().with_file_name("bare_server"))]
     pub(crate) bare_bin: PathBuf,
+    /// The `gateway-b` target's binary (by default `--gateway-bin`).
+    #[arg(long)]
+    pub(crate) gateway_b_bin: Option<PathBuf>,
+    /// A setting of the `gateway-b` target only, after the `--gateway-setting`s; repeatable.
+    #[arg(long = "gateway-b-setting", value_parser = parse_setting)]
+    pub(crate) gateway_b_settings: Vec<(String, String)>,
+    /// per-user: write a timeline of every measured window, per 10 ms, to this path with each target's
+    /// name added (`timeline.json` → `timeline-gateway.json`, …): deliveries and latency, the CPU of
+    /// every thread of the server, its nats-server and the load tool, and the servers' counters.
+    #[arg(long)]
+    pub(crate) timeline: Option<PathBuf>,
     /// Run as the driver of one target: hold its sockets and measure on the turns the parent gives.
     #[arg(long, hide = true, value_parser = Remote::parse)]
     #[serde(skip)]
@@ -197,6 +212,15 @@ impl Args {
             !(self.scenario.gateway_only() && self.kinds() != [Kind::Gateway]),
             "{} runs on the gateway only: the other servers have no equivalent",
             self.scenario.name()
+        );
+        ensure!(
+            (self.gateway_b_bin.is_none() && self.gateway_b_settings.is_empty())
+                || self.kinds().contains(&Kind::GatewayB),
+            "--gateway-b-bin and --gateway-b-setting are for the gateway-b target (--targets gateway,gateway-b)"
+        );
+        ensure!(
+            self.timeline.is_none() || self.scenario == Scenario::PerUser,
+            "--timeline is a per-user option"
         );
         ensure!(
             self.instances.iter().all(|&k| k > 0),
@@ -224,15 +248,14 @@ impl Args {
         setting_in(&self.gateway_settings, key)
     }
 
-    /// The servers measured (`--targets`), each once, in the order gateway, nats-ws, bare.
+    /// The servers measured (`--targets`), each once, in the order gateway, gateway-b, nats-ws, bare.
     pub(crate) fn kinds(&self) -> Vec<Kind> {
         let chosen: Vec<Kind> = match self.targets.as_slice() {
             [] if self.scenario.gateway_only() => vec![Kind::Gateway],
             [] => Targets::All.kinds().to_vec(),
             targets => targets.iter().flat_map(|t| t.kinds()).copied().collect(),
         };
-        Targets::All
-            .kinds()
+        Kind::ALL
             .iter()
             .copied()
             .filter(|kind| chosen.contains(kind))

@@ -52,6 +52,11 @@ pub(crate) struct Remote {
     /// The gateway settings of the target (`EPOCH_GATEWAY__…`, the scenario's then the command line's), so
     /// that a scenario can tell two gateways with other settings apart (presence-feed: the feed off and on).
     pub(crate) settings: Vec<(String, String)>,
+    /// The monitoring endpoint of the target's nats-server (`/varz`).
+    pub(crate) monitoring: Option<SocketAddr>,
+    /// The processes of the other targets (servers and their nats-servers), idle on this target's turns
+    /// but not silent (a gateway keeps refreshing its presence records): the timeline samples them too.
+    pub(crate) neighbours: Vec<u32>,
 }
 
 impl Remote {
@@ -262,13 +267,19 @@ struct Driver {
 }
 
 impl Driver {
-    /// Starts this program with the main process's arguments and `--drive <server>`.
-    fn spawn(server: &Server) -> Result<Self> {
+    /// Starts this program with the main process's arguments and `--drive <server>`, which names the
+    /// processes of the `others` too.
+    fn spawn(server: &Server, others: &[&Server]) -> Result<Self> {
         let exe = std::env::current_exe().context("this program's path")?;
+        let mut remote = server.remote();
+        remote.neighbours = others
+            .iter()
+            .flat_map(|other| std::iter::once(other.pid).chain(other.backing_pid))
+            .collect();
         let mut child = Command::new(exe)
             .args(std::env::args_os().skip(1))
             .arg(DRIVE_FLAG)
-            .arg(serde_json::to_string(&server.remote())?)
+            .arg(serde_json::to_string(&remote)?)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -313,7 +324,15 @@ impl Driver {
 pub(crate) async fn take_turns(servers: &[Server]) -> Result<Vec<(Kind, Outcome)>> {
     let mut drivers = servers
         .iter()
-        .map(Driver::spawn)
+        .enumerate()
+        .map(|(i, server)| {
+            let others: Vec<&Server> = servers
+                .iter()
+                .enumerate()
+                .filter_map(|(j, other)| (j != i).then_some(other))
+                .collect();
+            Driver::spawn(server, &others)
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut outcomes: Vec<Option<Outcome>> = drivers.iter().map(|_| None).collect();
     while outcomes.iter().any(Option::is_none) {

@@ -43,6 +43,8 @@
 //! - [`clients`]: the sockets, [`clients::phoenix`] for the gateway and the bare server and
 //!   [`clients::nats_ws`] for the baseline, each held by a task that times what arrives.
 //! - [`stats`]: what the socket tasks record, latency histograms and percentiles, `/proc` samples.
+//! - [`timeline`]: per-user `--timeline`: each 10 ms of a window, its deliveries and latency beside the
+//!   CPU of every thread of the server, its nats-server and the load tool, and the servers' counters.
 //! - [`scenarios`]: one module per scenario, on the run they share (targets, sockets, publisher).
 //! - [`report`]: the typed report (JSON), the headline table and its rules.
 
@@ -53,6 +55,7 @@ mod report;
 mod scenarios;
 mod servers;
 mod stats;
+mod timeline;
 
 use anyhow::Result;
 use clap::Parser;

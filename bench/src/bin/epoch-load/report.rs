@@ -1,7 +1,7 @@
 //! The report of a run, as typed values: written as JSON (`--json`, read by `scripts/plot_bench.py`) and
 //! summed up as a table of headline figures, each with the value of every server measured (the gateway,
 //! nats-server's WebSocket listener, the bare server), the gateway's ratio to each of the other two, and
-//! the target when it has one.
+//! the target when it has one. An A/B test adds a second gateway (`gateway-b`) and its ratio to the first.
 //!
 //! Each server's part is a [`TargetReport`], built where that server's load ran (its driver): how the
 //! sockets opened, the scenario's own figures (a type of each scenario, in `scenarios/`), the server's
@@ -35,6 +35,8 @@ pub(crate) struct Report<'a> {
     /// Promises broken and ratios that lack a side (the run failed): empty when it passed.
     pub(crate) failures: &'a [String],
     pub(crate) gateway: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) gateway_b: Option<&'a serde_json::Value>,
     pub(crate) nats_ws: Option<&'a serde_json::Value>,
     pub(crate) bare: Option<&'a serde_json::Value>,
 }
@@ -262,10 +264,15 @@ impl<'a, F> Headlines<'a, F> {
 pub(crate) struct Headline {
     figure: String,
     gateway: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gateway_b: Option<f64>,
     nats_ws: Option<f64>,
     bare: Option<f64>,
     gateway_to_nats_ws: Option<f64>,
     gateway_to_bare: Option<f64>,
+    /// gateway-b's value over the gateway's (an A/B test: below 1, B is lower).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gateway_b_to_gateway: Option<f64>,
     target: String,
     met: Option<bool>,
 }
@@ -286,6 +293,7 @@ pub(crate) fn table<F>(
                 .map(|(_, outcome)| outcome.values.get(i).copied().flatten())
         };
         let (gateway, nats, bare) = (value(Kind::Gateway), value(Kind::Nats), value(Kind::Bare));
+        let gateway_b = value(Kind::GatewayB);
         let ratio = |other: Option<Option<f64>>| {
             gateway
                 .flatten()
@@ -294,7 +302,11 @@ pub(crate) fn table<F>(
                 .map(|(g, o)| g / o)
         };
         if row.compared && gateway.is_some() {
-            let others = [(Kind::Nats, nats), (Kind::Bare, bare)];
+            let others = [
+                (Kind::GatewayB, gateway_b),
+                (Kind::Nats, nats),
+                (Kind::Bare, bare),
+            ];
             let ran: Vec<(Kind, Option<f64>)> = others
                 .into_iter()
                 .filter_map(|(kind, v)| Some((kind, v?)))
@@ -324,13 +336,20 @@ pub(crate) fn table<F>(
             Judge::AgainstNats(met) => against(nats, to_nats, met),
             Judge::AgainstBare(met) => against(bare, to_bare, met),
         };
+        let b_to_gateway = gateway_b
+            .flatten()
+            .zip(gateway.flatten())
+            .filter(|&(_, g)| g != 0.0)
+            .map(|(b, g)| b / g);
         table.push(Headline {
             figure: row.figure,
             gateway: gateway.flatten(),
+            gateway_b: gateway_b.flatten(),
             nats_ws: nats.flatten(),
             bare: bare.flatten(),
             gateway_to_nats_ws: to_nats,
             gateway_to_bare: to_bare,
+            gateway_b_to_gateway: b_to_gateway,
             target: row.target,
             met,
         });
@@ -402,10 +421,14 @@ type Column = (&'static str, usize, fn(&Headline) -> String);
 pub(crate) fn print_headlines(rows: &[Headline], kinds: &[Kind]) {
     let ran = |kind| kinds.contains(&kind);
     let ratios = ran(Kind::Gateway);
-    let candidates: [(bool, Column); 5] = [
+    let candidates: [(bool, Column); 7] = [
         (
             ran(Kind::Gateway),
             ("gateway", 12, |r| value_cell(r.gateway)),
+        ),
+        (
+            ran(Kind::GatewayB),
+            ("gateway-b", 12, |r| value_cell(r.gateway_b)),
         ),
         (ran(Kind::Nats), ("nats-ws", 12, |r| value_cell(r.nats_ws))),
         (ran(Kind::Bare), ("bare", 12, |r| value_cell(r.bare))),
@@ -416,6 +439,10 @@ pub(crate) fn print_headlines(rows: &[Headline], kinds: &[Kind]) {
         (
             ratios && ran(Kind::Bare),
             ("gw/bare", 8, |r| ratio_cell(r.gateway_to_bare)),
+        ),
+        (
+            ratios && ran(Kind::GatewayB),
+            ("b/gw", 8, |r| ratio_cell(r.gateway_b_to_gateway)),
         ),
     ];
     let columns: Vec<Column> = candidates
@@ -547,6 +574,27 @@ mod tests {
         assert_eq!(table[1].met, Some(false), "one condition missed it");
         assert_eq!(table[2].met, Some(true), "judged where there is a value");
         assert_eq!(table[2].values["off"], None);
+    }
+
+    #[test]
+    fn gateway_b_is_set_against_the_gateway_and_owes_its_side() {
+        let outcomes = [
+            (Kind::Gateway, outcome(&[Some(2.0), Some(1.0)])),
+            (Kind::GatewayB, outcome(&[Some(1.5), None])),
+        ];
+        let (judged, failures) = table(rows(), &outcomes);
+        assert_eq!(judged[0].gateway_b_to_gateway, Some(0.75));
+        // Only the gateway and B ran: a target against nats-server is not judged.
+        assert_eq!(judged[0].met, None);
+        assert!(failures.is_empty(), "{failures:?}");
+        let lacking = [
+            (Kind::Gateway, outcome(&[Some(2.0), None])),
+            (Kind::GatewayB, outcome(&[None, None])),
+        ];
+        assert_eq!(
+            table(rows(), &lacking).1,
+            ["deliveries/s: gateway-b has no value, so no ratio to it"]
+        );
     }
 
     #[test]

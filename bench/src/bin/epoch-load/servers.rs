@@ -1,10 +1,13 @@
 //! The servers under test, started by the tool's main process before any socket opens and killed when
 //! the run ends: per target, the process measured and the nats-server that its messages come through.
 //!
-//! - gateway: a JetStream nats-server (with its monitoring endpoint: the gateway-only scenarios read its
-//!   JetStream API counts) and the release `epoch-gateway` on port 0, with the abuse limits lifted;
+//! - gateway: a JetStream nats-server and the release `epoch-gateway` on port 0, with the abuse limits
+//!   lifted; gateway-b the same, with settings or a build of its own;
 //! - nats-ws: a nats-server with a WebSocket listener, which is both;
 //! - bare: a core nats-server and `bare_server` on port 0.
+//!
+//! Every nats-server serves its monitoring endpoint: the gateway-only scenarios read its JetStream API
+//! counts, the per-user timeline its `/varz`.
 //!
 //! Every target has a nats-server of its own, so the publisher of one target's window loads no other
 //! target, and each server's memory and CPU are read apart from its nats-server's.
@@ -57,7 +60,8 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    /// Starts the target `kind`; a gateway with the scenario's settings, then the command line's.
+    /// Starts the target `kind`; a gateway with the scenario's settings, then the command line's (and
+    /// gateway-b's own last).
     pub(crate) async fn start(
         args: &Args,
         kind: Kind,
@@ -65,16 +69,17 @@ impl Server {
     ) -> Result<Self> {
         let mut settings = scenario_settings;
         settings.extend(args.gateway_settings.iter().cloned());
+        let mut gateway_bin = args.gateway_bin.clone();
+        if kind == Kind::GatewayB {
+            settings.extend(args.gateway_b_settings.iter().cloned());
+            gateway_bin = args.gateway_b_bin.clone().unwrap_or(gateway_bin);
+        }
         let serves = match kind {
-            Kind::Gateway => Serves::JetStream,
+            Kind::Gateway | Kind::GatewayB => Serves::JetStream,
             Kind::Nats => Serves::WebSocket,
             Kind::Bare => Serves::Core,
         };
-        let nats = if kind == Kind::Gateway {
-            Nats::launch_monitored(&args.nats_server, free_port(), serves)?
-        } else {
-            Nats::launch(&args.nats_server, free_port(), serves)?
-        };
+        let nats = Nats::launch_monitored(&args.nats_server, free_port(), serves)?;
         let mut server = Self {
             kind,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -83,13 +88,13 @@ impl Server {
             gateway: None,
             _bare: None,
             nats,
-            gateway_bin: args.gateway_bin.clone(),
+            gateway_bin,
             settings,
             condition: None,
         };
         match kind {
             Kind::Nats => server.addr = server.nats.websocket.context("websocket listener")?,
-            Kind::Gateway => {
+            Kind::Gateway | Kind::GatewayB => {
                 let gateway = server.start_gateway(&[]).await?;
                 (server.addr, server.pid) = (gateway.addr, gateway.pid());
                 server.gateway = Some(gateway);
@@ -115,6 +120,8 @@ impl Server {
             pid: self.pid,
             backing_pid: self.backing_pid,
             settings: self.settings.clone(),
+            monitoring: self.nats.monitoring,
+            neighbours: Vec::new(),
         }
     }
 

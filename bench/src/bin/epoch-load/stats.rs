@@ -4,11 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{LazyLock, Mutex, OnceLock};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+
+use crate::timeline::MessageLog;
 
 /// Slots of per-message "last socket reached" figures (messages are numbered; a slot per number).
 const SEQ_SLOTS: usize = 1 << 16;
@@ -213,6 +215,10 @@ pub(crate) struct Stats {
     pub(crate) queries: AtomicU64,
     pub(crate) query_rtt: LatencyHistogram,
     pub(crate) query_wrong: AtomicU64,
+    /// Heartbeats the sockets sent (the per-user timeline counts them per 10 ms).
+    pub(crate) heartbeats: AtomicU64,
+    /// Each message's stamp and arrival, while a per-user timeline records (`--timeline`).
+    pub(crate) message_log: OnceLock<MessageLog>,
 }
 
 impl Stats {
@@ -234,6 +240,8 @@ impl Stats {
             queries: AtomicU64::new(0),
             query_rtt: LatencyHistogram::new(),
             query_wrong: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
+            message_log: OnceLock::new(),
         }
     }
 
@@ -244,12 +252,16 @@ impl Stats {
         let Some(t) = number_after(body, b"\"t\":") else {
             return;
         };
-        let us = now_us().saturating_sub(t);
+        let now = now_us();
+        let us = now.saturating_sub(t);
         self.delivered.fetch_add(1, Ordering::Relaxed);
         self.latency.record(us);
         let Some(seq) = number_after(body, b"\"s\":") else {
             return;
         };
+        if let Some(log) = self.message_log.get() {
+            log.received(seq, t, now);
+        }
         let slot = seq as usize % SEQ_SLOTS;
         self.last_reached[slot].fetch_max(us, Ordering::Relaxed);
         self.reached[slot].fetch_add(1, Ordering::Relaxed);

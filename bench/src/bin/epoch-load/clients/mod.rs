@@ -48,18 +48,29 @@ const SOCKET_SEED: u64 = 0x9E37_79B9;
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Kind {
     Gateway,
+    /// A second gateway, of another build or with other settings (an A/B test).
+    GatewayB,
     Nats,
     /// `bare_server`, the lower bound.
     Bare,
 }
 
 impl Kind {
+    /// Every kind, in the order of the report's columns.
+    pub(crate) const ALL: [Self; 4] = [Self::Gateway, Self::GatewayB, Self::Nats, Self::Bare];
+
     pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Gateway => "gateway",
+            Self::GatewayB => "gateway-b",
             Self::Nats => "nats-ws",
             Self::Bare => "bare",
         }
+    }
+
+    /// Whether it is an epoch-gateway (either of the two).
+    pub(crate) fn is_gateway(self) -> bool {
+        matches!(self, Self::Gateway | Self::GatewayB)
     }
 
     /// Whether its sockets speak Phoenix V2 (joins, heartbeats); nats-server's speak NATS.
@@ -102,7 +113,7 @@ async fn open_one(endpoint: &Endpoint, i: u64) -> Result<Ws> {
     let user = i + 1;
     let stream = tcp_connect(endpoint.addr, i).await?;
     match endpoint.kind {
-        Kind::Gateway => {
+        Kind::Gateway | Kind::GatewayB => {
             let query = phoenix::token_query(&endpoint.auth, user);
             phoenix::open(stream, endpoint.addr, &query, user).await
         }
@@ -124,9 +135,9 @@ enum Session {
 impl Session {
     fn of(kind: Kind) -> Self {
         match kind {
-            Kind::Gateway | Kind::Bare => Self::Phoenix {
+            Kind::Gateway | Kind::GatewayB | Kind::Bare => Self::Phoenix {
                 session: phoenix::Session::default(),
-                is_online: kind == Kind::Gateway,
+                is_online: kind.is_gateway(),
             },
             Kind::Nats => Self::Nats(nats_ws::Session::default()),
         }
@@ -207,7 +218,10 @@ async fn hold(mut ws: Ws, kind: Kind, i: u64, stats: Arc<Stats>, stop: Cancellat
                 ws.send(frame).await
             }
             _ = heartbeat.tick(), if heartbeats => match session.heartbeat() {
-                Some(frame) => ws.send(frame).await,
+                Some(frame) => {
+                    stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    ws.send(frame).await
+                }
                 None => continue,
             },
             message = ws.next() => match message_or_end(message) {

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::publish::{RateTotals, WarmUp, in_round_order, per_user_window, warm_up};
 use super::{Measure, Run, Target};
 use crate::cli::Args;
-use crate::clients::{Held, Kind};
+use crate::clients::Held;
 use crate::driver::Phase;
 use crate::report::{Headlines, TargetReport};
 use crate::stats::{
@@ -174,7 +174,7 @@ impl Measure for IsOnline {
     async fn run(args: &Args, target: &Target) -> Result<Run<IsOnlineFigures>> {
         let kind = target.endpoint.kind;
         // Only the gateway has is_online.
-        let gateway = kind == Kind::Gateway;
+        let gateway = kind.is_gateway();
         let control = if kind.speaks_phoenix() {
             "heartbeats"
         } else {

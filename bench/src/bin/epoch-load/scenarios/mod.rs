@@ -208,6 +208,7 @@ async fn measure<M: Measure>(args: &Args) -> Result<()> {
         headlines: &rows,
         failures: &failures,
         gateway: report_of(Kind::Gateway),
+        gateway_b: report_of(Kind::GatewayB),
         nats_ws: report_of(Kind::Nats),
         bare: report_of(Kind::Bare),
     };
@@ -255,6 +256,10 @@ pub(crate) struct Target {
     pub(crate) pid: u32,
     /// The nats-server behind the gateway or the bare server.
     pub(crate) backing_pid: Option<u32>,
+    /// The monitoring endpoint of the target's nats-server.
+    pub(crate) monitoring: Option<SocketAddr>,
+    /// The other targets' processes ([`Remote::neighbours`]).
+    pub(crate) neighbours: Vec<u32>,
     pub(crate) client: async_nats::Client,
     pub(crate) turns: Turns,
     /// The processes, when this process started them (the gateway-only scenarios); none in a driver.
@@ -295,6 +300,8 @@ impl Target {
             },
             pid: remote.pid,
             backing_pid: remote.backing_pid,
+            monitoring: remote.monitoring,
+            neighbours: remote.neighbours.clone(),
             client,
             turns,
             server,

@@ -1,17 +1,21 @@
 //! `per-user`: a warm-up window at the first of `--rates` (reported, not counted), then at each of
 //! `--rates`, `--secs` of messages to uniformly random users, each window a turn of its own between the
 //! other targets'; percentiles over all deliveries. With `--repeats N` the rates run N times (odd rounds in
-//! the reverse order) and each rate's deliveries are pooled, with every window's p99 kept.
+//! the reverse order) and each rate's deliveries are pooled, with every window's p99 kept. With
+//! `--timeline`, every measured window is also recorded per 10 ms ([`crate::timeline`]).
 
 use anyhow::Result;
 use serde::Serialize;
 
-use super::publish::{RatePoint, RateTotals, WarmUp, in_round_order, per_user_window, warm_up};
+use super::publish::{
+    RatePoint, RateTotals, WarmUp, in_round_order, messages, per_user_window, warm_up,
+};
 use super::{Measure, Run, Target};
 use crate::cli::Args;
 use crate::driver::Phase;
 use crate::report::{Headlines, TargetReport};
 use crate::stats::percentiles;
+use crate::timeline::{self, Timeline};
 
 pub(super) struct PerUser;
 
@@ -20,6 +24,9 @@ pub(super) struct PerUserFigures {
     rounds: u32,
     warm_up: WarmUp,
     points: Vec<RatePoint>,
+    /// Where this target's timeline was written (`--timeline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeline: Option<String>,
 }
 
 impl Measure for PerUser {
@@ -32,12 +39,27 @@ impl Measure for PerUser {
         let mut per_rate: Vec<RateTotals> =
             args.rates.iter().map(|_| RateTotals::default()).collect();
         let warm_up = warm_up(target, &stats, args.rates[0], args.secs, users).await?;
+        let mut timeline = args
+            .timeline
+            .as_ref()
+            .map(|_| {
+                let capacity = timeline::capacity(&args.rates, args.secs);
+                Timeline::start(target, &stats, capacity)
+            })
+            .transpose()?;
         let mut seq = warm_up.next_seq();
         for round in 0..rounds {
             for i in in_round_order(round, (0..args.rates.len()).collect()) {
                 let rate = args.rates[i];
                 let window = per_user_window(target, &stats, rate, args.secs, seq, users);
-                let w = target.turn(Phase::Measured, window).await?;
+                let (w, recorded) = match &timeline {
+                    Some(timeline) => {
+                        let recording = timeline.around(seq, messages(rate, args.secs), window);
+                        let (w, recorded) = target.turn(Phase::Measured, recording).await?;
+                        (w, Some(recorded))
+                    }
+                    None => (target.turn(Phase::Measured, window).await?, None),
+                };
                 seq += w.sent;
                 let lat = percentiles(&w.counts);
                 let label = if rounds > 1 {
@@ -55,6 +77,9 @@ impl Measure for PerUser {
                     w.server_cpu,
                     w.tool_cpu
                 );
+                if let (Some(timeline), Some(recorded)) = (timeline.as_mut(), recorded) {
+                    timeline.add(recorded, rate, round + 1);
+                }
                 per_rate[i].add(&w);
             }
         }
@@ -64,10 +89,15 @@ impl Measure for PerUser {
             .zip(per_rate)
             .map(|(&rate, t)| RatePoint::of(rate, t))
             .collect();
+        let timeline = match (&timeline, &args.timeline) {
+            (Some(timeline), Some(path)) => Some(timeline.write(path)?.display().to_string()),
+            _ => None,
+        };
         let figures = PerUserFigures {
             rounds,
             warm_up,
             points,
+            timeline,
         };
         target.finish(held, figures, &stats).await
     }

@@ -38,7 +38,7 @@ pub(super) async fn publish(
     first_seq: u64,
     subject: impl Fn(u64) -> String,
 ) -> Result<u64> {
-    let total = (rate * secs).round() as u64;
+    let total = messages(rate, secs);
     publish_until(
         client,
         rate,
@@ -48,6 +48,11 @@ pub(super) async fn publish(
         subject,
     )
     .await
+}
+
+/// The messages [`publish`] sends at `rate` for `secs`.
+pub(super) fn messages(rate: f64, secs: f64) -> u64 {
+    (rate * secs).round() as u64
 }
 
 /// [`publish`] of at most `total` messages, until `stop` is cancelled; returns how many were sent.
